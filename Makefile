@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Both create and reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# One thread per process: two cores are shared by pytest workers and data-loader workers.
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test test-all venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mm_llama.demo runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -m ''
+
+clean:
+	rm -rf runs/demo data/demo test-artifacts

@@ -1,0 +1,1 @@
+"""One module per `mm-llama` command: `configure(parser)` and `run(args) -> int`."""

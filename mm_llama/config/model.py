@@ -1,0 +1,15 @@
+"""A model config file: the language model's shape, and (as they land) the multimodal parts."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from ..model.args import LlamaArgs
+
+
+class ModelConfig(BaseModel):
+    """`configs/models/<name>.yaml`: `name`, `lm` (Meta's params.json fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    lm: LlamaArgs
