@@ -77,4 +77,4 @@ def load_config(schema: type[T], path: str | Path, overrides: list[str] | tuple[
 
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML (what a run directory stores as `config.yaml`)."""
-    return OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json")))
+    return OmegaConf.to_yaml(OmegaConf.create(config.model_dump(mode="json", by_alias=True)))
