@@ -99,8 +99,6 @@ class StageConfig(Strict):
         longest = max([self.train.seq_len] + [p.seq_len for p in self.train.ramp if p.seq_len])
         if longest > self.model.lm.max_seq_len:
             raise ValueError(f"train.seq_len {longest} exceeds model.lm.max_seq_len {self.model.lm.max_seq_len}")
-        if self.optim.warmup_steps > self.train.steps:
-            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.steps ({self.train.steps})")
         if self.train.polyak_last > self.run.keep_last:
             raise ValueError(f"train.polyak_last ({self.train.polyak_last}) needs run.keep_last >= it ({self.run.keep_last})")
         return self

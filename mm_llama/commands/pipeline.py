@@ -1,0 +1,44 @@
+"""`mm-llama pipeline CONFIG [--out DIR] [--only S ...] [--from S]`: run a stage graph, resuming."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def configure(p):
+    p.add_argument("config", help="a pipeline config (configs/pipelines/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
+    p.add_argument("--out", help="folder for the stages' run directories (default runs/<pipeline name>)")
+    p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and everything after it")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and report")
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..config.stage import StageConfig
+    from ..pipeline import load_pipeline, select, stage_order, stage_overrides
+    from ..pipeline.graph import resolve_stage_config
+    from ..pipeline.report import evaluate_text_stage, write_report
+    from ..train.engine import train_stage
+
+    path = Path(args.config)
+    pipeline = load_pipeline(path)
+    order = stage_order(pipeline, str(path))
+    chosen = select(order, pipeline, args.only, args.start)
+    out = Path(args.out or f"runs/{pipeline.name}")
+    # resolve and validate every chosen stage before running any
+    configs = {s: load_config(StageConfig, resolve_stage_config(pipeline, s, path),
+                              [*stage_overrides(pipeline, s, out), *args.overrides]) for s in chosen}
+    for s in chosen:
+        print(f"== stage {s} ({pipeline.stages[s].config}) -> {out / s}", flush=True)
+        train_stage(configs[s])
+    if args.no_eval:
+        return 0
+    last = order[-1]
+    if not (out / last / "final").exists():
+        print(f"final stage '{last}' has not run yet: no evaluation written")
+        return 0
+    metrics = evaluate_text_stage(out / last)
+    write_report(out, pipeline.name, order, metrics)
+    print(f"wrote {out / 'eval.json'} and {out / 'summary.md'}")
+    return 0

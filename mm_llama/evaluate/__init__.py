@@ -1,0 +1,1 @@
+"""Evaluation: held-out text metrics (and, as they land, image, video, speech and preference metrics)."""
