@@ -1,0 +1,66 @@
+"""`mm-llama data {demo,pack,curate}`: write the demo data set, pack your own files into shards, curate."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _curate_module():
+    try:
+        return importlib.import_module("mm_llama.curate.command")
+    except ModuleNotFoundError as e:
+        if e.name in ("mm_llama.curate", "mm_llama.curate.command"):
+            return None
+        raise
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="{demo,pack,curate}", required=True)
+
+    demo = sub.add_parser("demo", help="write the built-in demo data set (offline, deterministic)")
+    demo.add_argument("out", help="output folder, e.g. data/demo")
+    demo.add_argument("--modalities", nargs="+", default=None, help="which modalities to write (default: all); e.g. text")
+
+    pack = sub.add_parser("pack", help="turn your own files into shards")
+    kinds = pack.add_subparsers(dest="modality", metavar="MODALITY", required=True)
+    text = kinds.add_parser("text", help="folders of .txt/.md files and JSONL files -> text shards")
+    text.add_argument("--input", nargs="+", required=True, help="folders, .txt, .md or .jsonl files")
+    text.add_argument("--out", required=True, help="output folder")
+    text.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    text.add_argument("--shard-size", default="64MB", help="target shard size, e.g. 64MB, 1GB (default: 64MB)")
+    text.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+
+    help_text = "filter and deduplicate text shards"
+    module = _curate_module()
+    if module is not None:
+        module.configure(sub.add_parser("curate", help=help_text))
+    else:  # not built: accept any arguments, options included, so `run` can say so
+        sub.add_parser("curate", help=help_text, prefix_chars="\0", add_help=False).add_argument("rest", nargs="*")
+
+
+def run(args) -> int:
+    if args.data_command == "demo":
+        from ..data.demo import write_demo
+
+        for part in write_demo(args.out, args.modalities):
+            counts = ", ".join(f"{k} {v}" for k, v in part.counts.items())
+            print(f"{part.modality}: {counts} -> {args.out}/{part.modality}/")
+        print(f"wrote {args.out}/README.md")
+        return 0
+    if args.data_command == "pack":
+        from ..data.pack import pack_text, parse_size
+
+        report = pack_text(args.input, args.out, args.field, parse_size(args.shard_size), args.prefix)
+        for problem in report.problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        print(
+            f"{report.documents} documents, {report.bytes} bytes of text in {len(report.shards)} shards "
+            f"under {args.out}; skipped {report.skipped_files} unreadable files, {report.skipped_records} records"
+        )
+        return 0 if report.documents else 1
+    module = _curate_module()
+    if module is None:
+        print("mm-llama data curate: not built yet in this version of mm_llama.", file=sys.stderr)
+        return 2
+    return int(module.run(args) or 0)
