@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow options (`pipeline CFG --out D k=v`): argparse alone stops at the option
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2

@@ -60,11 +60,11 @@ def test_kill_anywhere_then_resume_reproduces_losses(demo_data, tmp_path):
     proc.wait(timeout=180)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     ckpts = run_dir / "checkpoints"
-    assert any(p.name.startswith(".tmp-step_00000006") for p in ckpts.iterdir())  # the half-written one
+    assert any(p.name.startswith(".step_00000006.tmp") for p in ckpts.iterdir())  # the half-written one
     assert not (ckpts / "step_00000006").exists()
 
     # 3. resume to the end
     proc = _launch(RUNNER, args, env)
     assert proc.wait(timeout=180) == 0, proc.stderr.read()
     assert losses(run_dir) == want  # exactly, on CPU
-    assert not any(p.name.startswith(".tmp") for p in ckpts.iterdir())
+    assert not any(p.name.startswith(".") for p in ckpts.iterdir())

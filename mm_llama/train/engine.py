@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, dump_config, read_yaml
+from ..checkpoint.native import atomic_folder
 from ..config.stage import StageConfig
 from ..data import TextLoader, check_sources, heldout_batches
 from ..model import Transformer, init_weights
@@ -94,9 +95,12 @@ def _init_model(cfg: StageConfig, device: torch.device) -> Transformer:
         from ..checkpoint import from_pretrained
 
         source = from_pretrained(cfg.init.from_)
-        src_args = source.args.model_dump(exclude={"max_seq_len"})
-        if src_args != cfg.model.lm.model_dump(exclude={"max_seq_len"}):
-            diff = [k for k in src_args if src_args[k] != getattr(cfg.model.lm, k)]
+        # compare what the weights mean, not how the FFN width was spelled (multiple_of vs multiplier)
+        shape_keys = ["dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "vocab_size", "norm_eps", "rope_theta",
+                      "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                      "rope_original_context", "tie_embeddings"]
+        diff = [k for k in shape_keys if getattr(source.args, k) != getattr(cfg.model.lm, k)]
+        if diff:
             raise ConfigError(f"init.from {cfg.init.from_}: its model differs from model.lm in {diff}")
         model.load_state_dict(source.state_dict())
     return model.to(device)
@@ -239,20 +243,15 @@ def evaluate(model: Transformer, batches, device: torch.device, autocast) -> flo
 
 def _write_final(cfg: StageConfig, run_dir: Path, model: Transformer, heldout, device, autocast) -> None:
     """The stage's output model in `final/`: the last checkpoint, or the Polyak average of the last K."""
-    import shutil
-
     checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
     summary = {"stage": cfg.name, "steps": cfg.train.steps}
     if cfg.train.polyak_last > 1 and len(checkpoints) >= 2:
         chosen = checkpoints[-cfg.train.polyak_last:]
-        model.load_state_dict(ckpt.polyak_average(chosen), strict=False)
+        model.load_state_dict(ckpt.polyak_average(chosen), strict=not cfg.model.lm.tie_embeddings)
         summary["polyak_averaged"] = [p.name for p in chosen]
     if heldout:
         summary["val_loss"] = evaluate(model, heldout, device, autocast)
-    tmp = run_dir / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    ckpt.write_model(model, cfg.model, tmp)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    os.rename(tmp, run_dir / "final")
+    with atomic_folder(run_dir / "final") as tmp:
+        ckpt.write_model(model, cfg.model, tmp)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" (held-out loss {summary['val_loss']:.4f})" if heldout else ""))
