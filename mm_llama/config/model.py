@@ -4,12 +4,14 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from ..model.args import LlamaArgs
+from .vision import VisionConfig
 
 
 class ModelConfig(BaseModel):
-    """`configs/models/<name>.yaml`: `name`, `lm` (Meta's params.json fields)."""
+    """`configs/models/<name>.yaml`: `name`, `lm` (Meta's params.json fields), optional `vision`."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     lm: LlamaArgs
+    vision: VisionConfig | None = None

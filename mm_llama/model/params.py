@@ -9,8 +9,18 @@ from .llama import Transformer
 
 
 def build_meta(config: ModelConfig) -> nn.Module:
+    """The model a config describes (the LM, or the composed multimodal model), without memory."""
     with torch.device("meta"):
+        if config.vision is not None:
+            from .multimodal import MultimodalModel
+
+            return MultimodalModel(config.lm, config.vision)
         return Transformer(config.lm)
+
+
+def component_table(model: nn.Module) -> list[tuple[str, int]]:
+    """Rows (component, count) of a composed model: one per top-level child."""
+    return [(name, count(child)) for name, child in model.named_children()]
 
 
 def count(module: nn.Module, trainable_only: bool = False) -> int:

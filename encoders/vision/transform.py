@@ -1,0 +1,104 @@
+"""Variable-resolution tiling of one image (SPEC §4.3; Meta's `VariableSizeImageTransform`).
+
+1. Among all tile grids with at most `max_num_tiles` tiles, pick the canvas that needs the smallest
+   upscale ≥ 1, else the least downscale; ties go to the smallest area.
+2. Resize without distortion, upscaling no further than one tile side.
+3. Pad with black at the bottom and right, scale to [0, 1], normalise with CLIP's mean and std.
+4. Cut into `rows × cols` tiles in row-major order.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@lru_cache(maxsize=16)
+def supported_aspect_ratios(max_num_tiles: int) -> tuple[tuple[int, int], ...]:
+    """Every tile grid (rows, cols) with rows·cols ≤ max_num_tiles, in lexicographic order.
+
+    For 4 tiles: (1,1) (1,2) (1,3) (1,4) (2,1) (2,2) (3,1) (4,1); the position in this list plus one
+    is `transformers`' `aspect_ratio_id` (0 there means "no image").
+    """
+    if max_num_tiles <= 0:
+        raise ValueError(f"max_num_tiles must be positive, got {max_num_tiles}")
+    return tuple((r, c) for r in range(1, max_num_tiles + 1) for c in range(1, max_num_tiles + 1)
+                 if r * c <= max_num_tiles)
+
+
+def best_canvas(height: int, width: int, tile_size: int, max_num_tiles: int) -> tuple[int, int]:
+    """The tile grid (rows, cols) an image of `height × width` pixels is resized onto."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    grids = supported_aspect_ratios(max_num_tiles)
+    # The limiting side decides how far an image can be scaled onto a canvas without distortion.
+    scales = [min(r * tile_size / height, c * tile_size / width) for r, c in grids]
+    up = [s for s in scales if s >= 1]
+    chosen = min(up) if up else max(scales)
+    candidates = [g for g, s in zip(grids, scales) if s == chosen]
+    return min(candidates, key=lambda g: g[0] * g[1])
+
+
+def fit_size(height: int, width: int, canvas_h: int, canvas_w: int, tile_size: int) -> tuple[int, int]:
+    """(new_h, new_w): the largest undistorted size inside the canvas, upscaled at most to `tile_size`."""
+    target_h = min(max(height, tile_size), canvas_h)
+    target_w = min(max(width, tile_size), canvas_w)
+    scale_h, scale_w = target_h / height, target_w / width
+    if scale_w < scale_h:
+        return min(max(math.floor(height * scale_w), 1), target_h), target_w
+    return target_h, min(max(math.floor(width * scale_h), 1), target_w)
+
+
+def _as_uint8_chw(image) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be [3, height, width], got {list(image.shape)}")
+        if image.dtype != torch.uint8:
+            raise ValueError(f"image tensor must be uint8 (0..255), got {image.dtype}")
+        return image
+    raise TypeError(f"expected a PIL image or a uint8 tensor [3, H, W], got {type(image).__name__}")
+
+
+def tile_image(image, tile_size: int, max_num_tiles: int, mean=CLIP_MEAN, std=CLIP_STD
+               ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A PIL image or uint8 `[3, H, W]` tensor → (tiles `[rows·cols, 3, tile, tile]` float, (rows, cols))."""
+    x = _as_uint8_chw(image)
+    h, w = x.shape[-2:]
+    rows, cols = best_canvas(h, w, tile_size, max_num_tiles)
+    canvas_h, canvas_w = rows * tile_size, cols * tile_size
+    new_h, new_w = fit_size(h, w, canvas_h, canvas_w, tile_size)
+    x = TF.resize(x, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    x = TF.pad(x, [0, 0, canvas_w - new_w, canvas_h - new_h], fill=0)  # left, top, right, bottom
+    x = TF.normalize(x.float() / 255.0, list(mean), list(std))
+    tiles = x.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)
+    return tiles.reshape(rows * cols, 3, tile_size, tile_size), (rows, cols)
+
+
+def stack_images(batch: list[list[tuple[torch.Tensor, tuple[int, int]]]], max_num_tiles: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample lists of `tile_image` outputs → images `[B, N, max_tiles, 3, S, S]`, ratios `[B, N, 2]`.
+
+    Empty slots (a sample with fewer than N images) hold zero pixels and aspect ratio (0, 0).
+    """
+    n = max((len(sample) for sample in batch), default=0)
+    if n == 0:
+        raise ValueError("stack_images needs at least one image in the batch")
+    size = batch[next(i for i, s in enumerate(batch) if s)][0][0].shape[-1]
+    images = torch.zeros(len(batch), n, max_num_tiles, 3, size, size)
+    ratios = torch.zeros(len(batch), n, 2, dtype=torch.long)
+    for b, sample in enumerate(batch):
+        for j, (tiles, (rows, cols)) in enumerate(sample):
+            if tiles.shape[0] != rows * cols or tiles.shape[0] > max_num_tiles:
+                raise ValueError(f"sample {b} image {j}: {tiles.shape[0]} tiles for a {rows}x{cols} grid "
+                                 f"(max_num_tiles={max_num_tiles})")
+            images[b, j, : rows * cols] = tiles
+            ratios[b, j] = torch.tensor([rows, cols])
+    return images, ratios
