@@ -7,12 +7,16 @@ from .cross_attention import (
     image_spans,
     vision_mask,
 )
+from .speech import SpeechAdapter, speech_spans, splice_speech
 
 __all__ = [
     "CrossAttention",
     "CrossAttentionBlock",
+    "SpeechAdapter",
     "cross_attention_bias",
     "fusion_schedule",
     "image_spans",
+    "speech_spans",
+    "splice_speech",
     "vision_mask",
 ]

@@ -80,3 +80,29 @@ def test_a_command_not_built_yet_says_so(capsys):
     for name in missing:
         assert main([name]) == 2
         assert "not built yet" in capsys.readouterr().err
+
+
+def test_speech_components_are_counted(capsys):
+    assert main(["params", "configs/models/speech_1b_encoder.yaml", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["components"]["speech_encoder"] == 1_002_100_224  # the paper's "1B" Conformer
+    assert out["total"] == 8_030_261_248 + 1_002_100_224 + out["components"]["speech_adapter"]
+
+
+def test_data_pack_speech_command(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(3):
+        t = np.arange(16000) / 16000
+        sf.write(audio / f"utt{i}.wav", (0.1 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype("float32"), 16000)
+    (audio / "broken.wav").write_bytes(b"RIFF0000WAVEnot audio")
+    (tmp_path / "t.tsv").write_text("audio\ttranscript\nutt0.wav\tzero\nutt1.wav\tone\nutt2.wav\ttwo\nbroken.wav\tx\n")
+    rc = main(["data", "pack", "speech", "--audio", str(audio), "--out", str(tmp_path / "out"),
+               "--transcripts", str(tmp_path / "t.tsv"), "--language", "en", "--task", "asr"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "3 utterances" in captured.out and "bad_header 1" in captured.out
+    assert list((tmp_path / "out").glob("*.tar"))

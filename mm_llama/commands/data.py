@@ -30,6 +30,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     text.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     text.add_argument("--shard-size", default="64MB", help="target shard size, e.g. 64MB, 1GB (default: 64MB)")
     text.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+    speech = kinds.add_parser("speech", help="a folder of audio files (+ TSV/JSONL transcripts) -> speech shards")
+    speech.add_argument("--audio", required=True, help="folder of .wav/.flac/.ogg files")
+    speech.add_argument("--out", required=True, help="output folder")
+    speech.add_argument("--transcripts", help="TSV or JSONL with audio, transcript, task, language, translation, response")
+    speech.add_argument("--language", help="language of every utterance, when the transcripts do not say")
+    speech.add_argument("--task", choices=["asr", "ast", "dialogue"], help="task of every utterance, when not given")
+    speech.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+    speech.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
 
     help_text = "filter and deduplicate text shards"
     module = _curate_module()
@@ -48,6 +56,18 @@ def run(args) -> int:
             print(f"{part.modality}: {counts} -> {args.out}/{part.modality}/")
         print(f"wrote {args.out}/README.md")
         return 0
+    if args.data_command == "pack" and args.modality == "speech":
+        from ..data.pack import parse_size
+        from ..data.speech import pack_speech
+
+        report = pack_speech(args.audio, args.out, args.transcripts, language=args.language, task=args.task,
+                             shard_size=parse_size(args.shard_size), prefix=args.prefix)
+        for problem in report.problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+        print(f"{report.utterances} utterances, {report.seconds:.1f} s of audio in {len(report.shards)} shards "
+              f"under {args.out}; skipped: {skipped}")
+        return 0 if report.utterances else 1
     if args.data_command == "pack":
         from ..data.pack import pack_text, parse_size
 

@@ -23,6 +23,17 @@ def component_table(model: nn.Module) -> list[tuple[str, int]]:
     return [(name, count(child)) for name, child in model.named_children()]
 
 
+def speech_components(config: ModelConfig) -> list[tuple[str, int]]:
+    """Rows for the speech encoder and adapter (the BEST-RQ heads exist only during encoder pre-training)."""
+    from adapters.speech import SpeechAdapter
+    from encoders.speech.conformer import ConformerEncoder
+
+    with torch.device("meta"):
+        encoder = ConformerEncoder(config.speech.encoder)
+        adapter = SpeechAdapter(config.speech.encoder.dim, config.speech.adapter, config.lm.dim)
+    return [("speech_encoder", count(encoder)), ("speech_adapter", count(adapter))]
+
+
 def count(module: nn.Module, trainable_only: bool = False) -> int:
     """Unique parameters (a tied weight counts once)."""
     seen = {id(p): p for p in module.parameters() if p.requires_grad or not trainable_only}
