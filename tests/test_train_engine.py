@@ -147,3 +147,16 @@ def test_impossible_stage_values(demo_data, tmp_path):
         stage(demo_data, tmp_path, "train.seq_len=4096")
     with pytest.raises(ConfigError, match="unknown key 'train.stpes'; did you mean 'steps'"):
         stage(demo_data, tmp_path, "train.stpes=3")
+
+
+def test_eval_command_reports_model_and_baseline(demo_data, tmp_path, capsys):
+    from mm_llama.cli import main
+
+    run_dir = train_stage(stage(demo_data, tmp_path / "run", "train.steps=120", "train.micro_batch=16", "optim.lr=5e-3", "optim.warmup_steps=10"))
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--task", "perplexity", "--json", "--batches", "4", "--seq-len", "64"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"heldout_loss", "heldout_loss_baseline", "heldout_ppl", "heldout_ppl_baseline"}
+    assert metrics["heldout_loss"] < metrics["heldout_loss_baseline"]
+    assert main(["eval", str(run_dir), "--task", "asr"]) == 1
+    assert "not built yet" in capsys.readouterr().err
