@@ -1,46 +1,43 @@
-"""The speech encoder: log-mel front end, Conformer with rotary attention, BEST-RQ pre-training."""
-from .args import BestRQArgs, ConformerArgs, FrontEndArgs, SpecAugmentArgs
-from .bestrq import BestRQ, BestRQOutput, RandomProjectionQuantizer, code_perplexity, multi_softmax_loss, span_mask, target_mask
-from .conformer import ConformerBlock, ConformerEncoder, RotarySelfAttention, encoder_lengths, stack_frames, valid_mask
-from .features import (
-    AudioError,
-    audio_info,
-    collate_features,
-    decode_audio,
-    features,
-    log_mel,
-    min_samples,
-    normalize,
-    resample,
-    spec_augment,
-)
+"""The speech encoder: log-mel front end, Conformer with rotary attention, BEST-RQ pre-training.
 
-__all__ = [
-    "AudioError",
-    "BestRQ",
-    "BestRQArgs",
-    "BestRQOutput",
-    "ConformerArgs",
-    "ConformerBlock",
-    "ConformerEncoder",
-    "FrontEndArgs",
-    "RandomProjectionQuantizer",
-    "RotarySelfAttention",
-    "SpecAugmentArgs",
-    "audio_info",
-    "code_perplexity",
-    "collate_features",
-    "decode_audio",
-    "encoder_lengths",
-    "features",
-    "log_mel",
-    "min_samples",
-    "multi_softmax_loss",
-    "normalize",
-    "resample",
-    "spec_augment",
-    "span_mask",
-    "stack_frames",
-    "target_mask",
-    "valid_mask",
-]
+Names are imported on first use, so configs (which import `encoders.speech.args`) do not load torchaudio.
+"""
+import importlib
+
+_WHERE = {
+    "AudioError": "features",
+    "BestRQ": "bestrq",
+    "BestRQArgs": "args",
+    "BestRQOutput": "bestrq",
+    "ConformerArgs": "args",
+    "ConformerBlock": "conformer",
+    "ConformerEncoder": "conformer",
+    "FrontEndArgs": "args",
+    "RandomProjectionQuantizer": "bestrq",
+    "RotarySelfAttention": "conformer",
+    "SpecAugmentArgs": "args",
+    "audio_info": "features",
+    "code_perplexity": "bestrq",
+    "collate_features": "features",
+    "decode_audio": "features",
+    "encoder_lengths": "conformer",
+    "features": "features",
+    "log_mel": "features",
+    "min_samples": "features",
+    "multi_softmax_loss": "bestrq",
+    "normalize": "features",
+    "resample": "features",
+    "span_mask": "bestrq",
+    "spec_augment": "features",
+    "stack_frames": "conformer",
+    "target_mask": "bestrq",
+    "valid_mask": "conformer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -1,18 +1,28 @@
-"""The image encoder: variable-resolution tiling and a tiled open_clip ViT with gated global layers."""
-from .args import VisionEncoderArgs
-from .encoder import GatedBlock, VisionEncoder, read_open_clip_checkpoint
-from .transform import CLIP_MEAN, CLIP_STD, best_canvas, fit_size, stack_images, supported_aspect_ratios, tile_image
+"""The image encoder: variable-resolution tiling and a tiled open_clip ViT with gated global layers.
 
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "GatedBlock",
-    "VisionEncoder",
-    "VisionEncoderArgs",
-    "best_canvas",
-    "fit_size",
-    "read_open_clip_checkpoint",
-    "stack_images",
-    "supported_aspect_ratios",
-    "tile_image",
-]
+Names are imported on first use: configs import `encoders.vision.args`, and importing open_clip for
+every command (text-only ones included) cost seconds of start-up.
+"""
+import importlib
+
+_WHERE = {
+    "VisionEncoderArgs": "args",
+    "GatedBlock": "encoder",
+    "VisionEncoder": "encoder",
+    "read_open_clip_checkpoint": "encoder",
+    "CLIP_MEAN": "transform",
+    "CLIP_STD": "transform",
+    "best_canvas": "transform",
+    "fit_size": "transform",
+    "stack_images": "transform",
+    "supported_aspect_ratios": "transform",
+    "tile_image": "transform",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

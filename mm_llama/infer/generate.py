@@ -1,55 +1,216 @@
-"""Token generation with a preallocated KV cache: greedy, temperature, top-k and top-p sampling."""
+"""Batched, KV-cached generation for the LM and the composed image–text model.
+
+Prompts of different lengths are left-padded into one batch: each row keeps its own rotary positions
+(its first real token is position 0) and a padding-aware mask hides the padding slots, so a row's
+tokens are exactly those it would get alone. The KV cache is allocated once per call for prompt +
+new tokens. Images are tiled and encoded once; their cross-attention keys/values are reused by every
+decoding step. Speech-adapter outputs replace the embeddings of the `<|speech|>` placeholders.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from ..model import KVCache, Transformer
+from encoders.vision.transform import stack_images, tile_image
+from ..model import Transformer
+from ..model.masks import AttentionMask
+from ..model.multimodal import MultimodalModel
+from ..text import Tokenizer
+from ..text.tokenizer import NUM_SPECIAL_TOKENS, PROJECT_SPECIAL_TOKENS, special_token_names
+from .decoder import CrossInputs, Decoder, padded_attention_mask
+from .sampling import SamplingConfig, sample_next
+from .text_stream import TextStream
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids `[batch]` from last-position logits `[batch, vocab]`; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+class ContextLengthError(ValueError):
+    """A prompt that leaves no room in the model's context for even one new token."""
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompt: list[int], max_new_tokens: int, stop_tokens: set[int] = frozenset(),
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+@dataclass
+class Prompt:
+    """One request's inputs.
+
+    tokens: the prompt ids (one `<|image|>` per image, `<|speech|>` placeholders per speech frame).
+    images: PIL images or uint8 `[3, H, W]` tensors, in the order of their `<|image|>` tokens.
+    speech: `[n_frames, dim]` speech-adapter outputs, one row per `<|speech|>` placeholder, in order.
+    """
+
+    tokens: list[int]
+    images: list = field(default_factory=list)
+    speech: torch.Tensor | None = None
+
+
+@dataclass
+class Completion:
+    """tokens: the new ids without the stop token (a stop string's tokens stay); text: the reply cut
+    before any stop string (None without a tokenizer); finish_reason: "stop" (stop token or string), "length" or "cancelled"."""
+
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    """Passed to `on_token` for every generated token of row `row`; `text` is the newly final text.
+
+    After the last token, text still held back (an incomplete character, a tail that did not become a
+    stop string) comes in one more event with `token` None.
+    """
+
+    row: int
+    token: int | None
+    text: str
+
+
+class Generator:
+    """Continues prompts with a model; `tokenizer` (optional) gives stop tokens, stop strings and text.
+
+    `on_token(event)` may return False to end that row ("cancelled"), e.g. when a client went away.
+    """
+
+    def __init__(self, model: Transformer | MultimodalModel, tokenizer: Tokenizer | None = None):
+        self.model = model.eval()
+        self.decoder = Decoder(model)
+        self.tokenizer = tokenizer
+        vocab = self.decoder.args.vocab_size
+        if tokenizer is not None and tokenizer.n_words > vocab:
+            raise ValueError(f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary only {vocab}")
+        base = vocab - NUM_SPECIAL_TOKENS if tokenizer is None else tokenizer.n_ranks
+        names = special_token_names()
+        self.speech_token_id = base + names.index("<|speech|>")
+        # Media placeholders are inputs only: a sampled one would ask for an image or speech that is not there.
+        banned = {base + names.index(n) for n in ("<|image|>", *PROJECT_SPECIAL_TOKENS)}
+        if isinstance(model, MultimodalModel):
+            banned.add(model.image_token_id)
+        banned |= set(range(tokenizer.n_words if tokenizer is not None else vocab, vocab))
+        self.banned = torch.tensor(sorted(t for t in banned if t < vocab), dtype=torch.long, device=self.decoder.device)
+        self.stop_tokens = frozenset(tokenizer.stop_tokens) if tokenizer is not None else frozenset()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.decoder.args.max_seq_len
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], config: SamplingConfig,
+                 on_token: Callable[[TokenEvent], bool | None] | None = None) -> list[Completion]:
+        """Continue every prompt; rows finish independently. Returns one `Completion` per prompt."""
+        if not prompts:
+            return []
+        if config.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (Generator(model, tokenizer))")
+        dev = self.decoder.device
+        lengths = [len(p.tokens) for p in prompts]
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if n >= self.max_seq_len:
+                raise ContextLengthError(f"prompt {i} has {n} tokens; the model's context length is "
+                                         f"{self.max_seq_len} (max_seq_len), leaving no room to generate")
+        b, width = len(prompts), max(lengths)
+        new_tokens = min(config.max_new_tokens, self.max_seq_len - width)
+        pad = torch.tensor([width - n for n in lengths], device=dev)
+        tokens = torch.zeros(b, width, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i, width - lengths[i]:] = torch.tensor(p.tokens, dtype=torch.long)
+        valid = torch.arange(width + new_tokens, device=dev)[None, :] >= pad[:, None]  # [batch, cache_len]
+        padded = bool(pad.any())
+
+        h = self._inject_speech(self.decoder.embed(tokens), tokens, prompts)
+        cross, cross_step = self._image_inputs(tokens, prompts)
+        caches = self.decoder.caches(b, width + new_tokens)
+        positions = (torch.arange(width, device=dev)[None, :] - pad[:, None]).clamp(min=0)
+        mask = padded_attention_mask(valid, 0, width) if padded else AttentionMask()
+        logits = self.decoder(h, positions, mask, caches, 0, cross)
+
+        stop_tokens = self.stop_tokens if config.stop_tokens is None else config.stop_tokens
+        generator = torch.Generator(device=dev).manual_seed(config.seed) if config.seed is not None else None
+        streams = [TextStream(self.tokenizer, config.stop) if self.tokenizer is not None else None for _ in prompts]
+        out: list[list[int]] = [[] for _ in prompts]
+        finish: list[str | None] = [None] * b
+        next_pos = torch.tensor(lengths, device=dev)[:, None]
+        for step in range(new_tokens):
+            if self.banned.numel():
+                logits[:, self.banned] = float("-inf")
+            chosen = sample_next(logits, config.temperature, config.top_k, config.top_p, generator)
+            for i, token in enumerate(chosen.tolist()):
+                if finish[i] is not None:
+                    continue
+                if token in stop_tokens:
+                    finish[i] = "stop"
+                    continue
+                out[i].append(token)
+                text = streams[i].push(token) if streams[i] is not None else ""
+                if streams[i] is not None and streams[i].stopped:
+                    finish[i] = "stop"
+                if on_token is not None and on_token(TokenEvent(i, token, text)) is False:
+                    finish[i] = "cancelled"
+            if all(f is not None for f in finish) or step == new_tokens - 1:
+                break
+            slot = width + step
+            mask = padded_attention_mask(valid, slot, 1) if padded else AttentionMask()
+            logits = self.decoder(self.decoder.embed(chosen[:, None]), next_pos + step, mask, caches, slot, cross_step)
+
+        completions = []
+        for i, stream in enumerate(streams):
+            text = None
+            if stream is not None:
+                rest = stream.finish()
+                if rest and on_token is not None and finish[i] != "cancelled":
+                    on_token(TokenEvent(i, None, rest))
+                text = stream.text
+            completions.append(Completion(out[i], text, finish[i] or "length", lengths[i]))
+        return completions
+
+    # -- inputs beyond text --------------------------------------------------------------------
+    def _inject_speech(self, h: torch.Tensor, tokens: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Replace the embeddings at `<|speech|>` positions with each prompt's speech frames."""
+        for i, p in enumerate(prompts):
+            where = (tokens[i] == self.speech_token_id).nonzero().squeeze(-1)
+            frames = 0 if p.speech is None else p.speech.shape[0]
+            if len(where) != frames:
+                raise ValueError(f"prompt {i} has {len(where)} <|speech|> placeholders but {frames} speech frames")
+            if frames:
+                if p.speech.ndim != 2 or p.speech.shape[1] != h.shape[-1]:
+                    raise ValueError(f"prompt {i}: speech must be [n_frames, {h.shape[-1]}], got {list(p.speech.shape)}")
+                h[i, where] = p.speech.to(h.dtype)
+        return h
+
+    def _image_inputs(self, tokens: torch.Tensor, prompts: Sequence[Prompt]
+                      ) -> tuple[CrossInputs | None, CrossInputs | None]:
+        """Cross-attention inputs for the prompt and for each later token (which sees what the last prompt
+        token sees: generated text never contains `<|image|>`)."""
+        if not any(p.images for p in prompts):
+            return None, None
+        model = self.decoder.multimodal
+        if model is None:
+            raise ValueError("this model has no vision encoder; it cannot take images")
+        enc = model.config.encoder
+        for i, p in enumerate(prompts):
+            n = sum(1 for t in p.tokens if t == model.image_token_id)
+            if n != len(p.images):
+                raise ValueError(f"prompt {i} has {n} <|image|> tokens but {len(p.images)} images")
+        tiles = [[tile_image(im, enc.tile_size, enc.max_num_tiles) for im in p.images] for p in prompts]
+        images, ratios = stack_images(tiles, enc.max_num_tiles)
+        context = model.encode_images(images.to(self.decoder.device, self.decoder.dtype), ratios.to(self.decoder.device))
+        vision_mask = model.vision_mask(tokens, context.aspect_ratios)
+        dtype = self.decoder.dtype
+        return (CrossInputs.from_mask(context, vision_mask, dtype),
+                CrossInputs.from_mask(context, vision_mask[:, -1:], dtype))
+
+
+def generate(model: Transformer | MultimodalModel, prompt: list[int], max_new_tokens: int,
+             stop_tokens: set[int] = frozenset(), temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None,
              on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Continue one prompt; returns the new tokens (without the stop token). `on_token` streams each token."""
-    a = model.args
-    total = len(prompt) + max_new_tokens
-    if total > a.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {a.max_seq_len}")
-    device = model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
-    caches = [KVCache(1, a.kv_heads, total, a.head_dim, dtype=dtype, device=device) for _ in range(a.n_layers)]
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    model.eval()
-    logits = model(torch.tensor([prompt], device=device), caches=caches)
-    out: list[int] = []
-    pos = len(prompt)
-    for _ in range(max_new_tokens):
-        nxt = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
-        if nxt in stop_tokens:
-            break
-        out.append(nxt)
-        if on_token is not None:
-            on_token(nxt)
-        logits = model(torch.tensor([[nxt]], device=device), caches=caches, start_pos=pos)
-        pos += 1
-    return out
+    """Continue one prompt; returns the new tokens (without the stop token). `on_token` gets each token.
+
+    New tokens are capped by the context length (`max_seq_len`).
+    """
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_tokens=frozenset(stop_tokens), seed=seed)
+    callback = (lambda event: on_token(event.token)) if on_token is not None else None
+    return Generator(model).generate([Prompt(list(prompt))], config, callback)[0].tokens
