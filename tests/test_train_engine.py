@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from engine_helpers import stage
 from mm_llama.config import ConfigError
 from mm_llama.config.stage import OptimConfig
-from mm_llama.train import engine
+from mm_llama.train.tasks import text_lm
 from mm_llama.train.engine import NonFiniteLossError, train_stage
 from mm_llama.train.schedule import lr_at
 
@@ -76,7 +76,7 @@ def test_pattern_matching_nothing_is_an_error(demo_data, tmp_path):
 
 def _nan_at(step_to_fail):
     calls = {"n": 0}
-    real = engine.lm_loss_sum
+    real = text_lm.lm_loss_sum
 
     def loss(logits, labels):
         calls["n"] += 1
@@ -87,13 +87,13 @@ def _nan_at(step_to_fail):
 
 
 def test_nonfinite_loss_stops_naming_the_step(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "lm_loss_sum", _nan_at(3))
+    monkeypatch.setattr(text_lm, "lm_loss_sum", _nan_at(3))
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
         train_stage(stage(demo_data, tmp_path / "run", "train.steps=5"))
 
 
 def test_nonfinite_loss_skips_a_bounded_number(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "lm_loss_sum", _nan_at(2))
+    monkeypatch.setattr(text_lm, "lm_loss_sum", _nan_at(2))
     run_dir = train_stage(stage(demo_data, tmp_path / "run", "train.steps=4", "train.max_nonfinite_skips=1"))
     got = rows(run_dir)
     assert got[1]["loss"] is None and got[1]["nonfinite_skips"] == 1
@@ -160,3 +160,8 @@ def test_eval_command_reports_model_and_baseline(demo_data, tmp_path, capsys):
     assert metrics["heldout_loss"] < metrics["heldout_loss_baseline"]
     assert main(["eval", str(run_dir), "--task", "asr"]) == 1
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_unknown_objective_names_the_known_ones(demo_data, tmp_path):
+    with pytest.raises(ValueError, match="train.objective 'nope' has no task; known: .*'lm'"):
+        train_stage(stage(demo_data, tmp_path / "run", "train.steps=1", "train.objective=nope"))

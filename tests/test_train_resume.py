@@ -45,7 +45,7 @@ def test_kill_anywhere_then_resume_reproduces_losses(demo_data, tmp_path):
     # 1. killed between checkpoints, as soon as step 3 is logged
     proc = _launch(RUNNER, args, env)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             proc.send_signal(signal.SIGKILL)
@@ -57,7 +57,7 @@ def test_kill_anywhere_then_resume_reproduces_losses(demo_data, tmp_path):
 
     # 2. killed in the middle of writing the step-6 checkpoint
     proc = _launch(DIE_IN_SAVE, args, env)
-    proc.wait(timeout=180)
+    proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     ckpts = run_dir / "checkpoints"
     assert any(p.name.startswith(".step_00000006.tmp") for p in ckpts.iterdir())  # the half-written one
@@ -65,6 +65,6 @@ def test_kill_anywhere_then_resume_reproduces_losses(demo_data, tmp_path):
 
     # 3. resume to the end
     proc = _launch(RUNNER, args, env)
-    assert proc.wait(timeout=180) == 0, proc.stderr.read()
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
     assert losses(run_dir) == want  # exactly, on CPU
     assert not any(p.name.startswith(".") for p in ckpts.iterdir())

@@ -4,7 +4,7 @@ One engine runs every stage; a stage is this data, never a class.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,7 +42,8 @@ class RampPoint(Strict):
 
 
 class TrainConfig(Strict):
-    objective: Literal["lm"] = "lm"
+    objective: str = Field("lm", description="the task (mm_llama.train.tasks): lm, and those the modalities add")
+    options: dict[str, Any] = Field(default_factory=dict, description="the task's own settings, validated by the task")
     steps: int = Field(gt=0)
     seq_len: int = Field(gt=0)
     micro_batch: int = Field(gt=0, description="sequences per forward pass on each rank")
@@ -78,10 +79,27 @@ class OptimConfig(Strict):
 
 
 class ParallelConfig(Strict):
-    dp_shard: int = Field(-1, description="-1: all remaining ranks")
-    tp: int = Field(1, gt=0)
-    pp: int = Field(1, gt=0)
-    cp: int = Field(1, gt=0)
+    """4D parallelism over a DeviceMesh in the paper's order [TP, CP, PP, DP], innermost first (SPEC §2.4).
+
+    Under `torchrun` the product dp_shard·pp·cp·tp must equal WORLD_SIZE; a single process ignores it.
+    """
+
+    dp_shard: int = Field(-1, description="FSDP2 data-parallel degree; -1: all ranks left after tp, cp and pp")
+    tp: int = Field(1, gt=0, description="tensor-parallel degree (attention heads and FFN columns split)")
+    pp: int = Field(1, gt=0, description="pipeline stages (ranks); the first holds the embedding, the last the output")
+    cp: int = Field(1, gt=0, description="context-parallel degree: the sequence split into 2·cp load-balanced chunks")
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int = Field(0, ge=0, description="pipeline micro-batches per forward (0: pp); must divide train.micro_batch")
+    pp_virtual_stages: int = Field(2, gt=0, description="stages per rank for interleaved_1f1b")
+    reshard_after_forward: bool = Field(False, description="FSDP2: free gathered weights after forward (the paper keeps them)")
+    vocab_parallel_loss: bool = Field(True, description="with tp > 1: cross-entropy on vocabulary-sharded logits")
+    timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this fails the job, naming the rank")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError(f"parallel.dp_shard must be -1 or a positive degree, got {self.dp_shard}")
+        return self
 
 
 class StageConfig(Strict):

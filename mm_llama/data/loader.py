@@ -6,11 +6,20 @@ batches out in strict round-robin over its workers, so the main process keeps, p
 the position after its latest delivered batch, and which worker delivers next. A resumed
 DataLoader always reads physical worker 0 first, so logical ids are rotated to make the worker that
 was next be physical worker 0. Batches are then identical to an uninterrupted run.
+
+Resuming with a different number of data-parallel ranks (or workers) cannot continue every stream
+exactly, because the shards of an epoch are dealt out by consumer count. `resplit_positions` maps the
+saved positions onto the new consumers so that no shard is skipped: per source, the resume point is
+the earliest (epoch, index in that epoch's global shard order) at which any old consumer stands, and
+each new consumer continues with the first shard of its new share at or after that index. Shards past
+that point that a faster old consumer had already started are read again (at most one per old
+consumer and source); document packing restarts at a document boundary, and the skipped/delivered
+counters of all old consumers carry over to the new first consumer.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -158,6 +167,27 @@ class TextLoader:
         self._states = [dict(s) for s in state["positions"]]
         self._next = int(state["next_worker"])
 
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue from the states of all ranks of a run (`states[r]` is rank r's `state_dict()`).
+
+        The same number of ranks and workers continues exactly; another number re-splits the positions
+        (module docstring).
+        """
+        for i, st in enumerate(states):
+            if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+                raise ValueError(f"data state {i}: not a TextLoader state (expected format {STATE_FORMAT!r})")
+        p = self._plan
+        if len(states) == p.world_size and states[p.rank].get("workers") == p.workers:
+            self.load_state_dict(states[p.rank])
+            return
+        mine = self._identity()
+        for key in ("seed", "sources"):
+            if states[0].get(key) != mine[key]:
+                raise ValueError(f"the data loader state was saved with different {key} ({states[0].get(key)!r}, now "
+                                 f"{mine[key]!r}), so it cannot be re-split")
+        self._states = resplit_positions(states, p)
+        self._next = 0
+
     def stats(self) -> dict:
         """`skipped_samples`, `skipped_shards`, `documents`, `packing_efficiency`, `tokens`, cumulative across resumes."""
         return summarize([Counters.from_dict(s.get("stats")) for s in self._states])
@@ -198,3 +228,31 @@ def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, batch_size: int, m
         Batch(*rows_to_batch([r[0] for r in rows[i : i + batch_size]], [r[1] for r in rows[i : i + batch_size]]))
         for i in range(0, len(rows), batch_size)
     ]
+
+
+def resplit_positions(states: list[dict], plan: _Plan) -> list[dict]:
+    """Per-worker states of rank `plan.rank` of `plan.world_size` from the states of every old rank (module docstring)."""
+    old_workers = int(states[0]["workers"])
+    n_old, n_new = len(states) * old_workers, plan.world_size * plan.workers
+    counters = Counters()
+    resume: dict[str, tuple[int, int]] = {}
+    for r, st in enumerate(states):
+        for w, pos in enumerate(st["positions"]):
+            c = r * old_workers + w
+            for f in fields(Counters):
+                setattr(counters, f.name, getattr(counters, f.name) + getattr(Counters.from_dict(pos.get("stats")), f.name))
+            cursors = pos["packer"]["doc"]["cursors"] if pos.get("packer") else {}
+            for name, n_shards in ((s.name, len(plan.urls[s.name])) for s in plan.cfg.sources):
+                epoch, shard, _ = cursors.get(name, [0, 0, 0])
+                index = shard if n_shards < n_old else c + n_old * shard  # index in the epoch's global order
+                resume[name] = min(resume.get(name, (epoch, index)), (epoch, index))
+    out = []
+    for w in range(plan.workers):
+        c = plan.rank * plan.workers + w
+        cursors = {}
+        for name, (epoch, index) in resume.items():
+            strided = len(plan.urls[name]) < n_new
+            cursors[name] = [epoch, index if strided else max(0, -(-(index - c) // n_new)), 0]
+        stats = counters.to_dict() if c == 0 else {}
+        out.append({"packer": {"doc": {"n": 0, "cursors": cursors}, "offset": None}, "stats": stats})
+    return out

@@ -24,13 +24,28 @@ from ..checkpoint.native import (
     write_safetensors,
 )
 from ..config import ModelConfig, dump_config
+from ..model import Transformer
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `model.safetensors` stores: Meta's keys for an LM, the composed model's own keys otherwise;
+    a tensor shared under two names (tied embeddings) is stored once, under its first name."""
+    if isinstance(model, Transformer):
+        return export_state_dict(model)
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t.detach()
+    return out
+
+
 def write_model(model: nn.Module, config: ModelConfig, folder: Path) -> None:
     """The native model files into `folder` (callers make it atomic)."""
-    write_safetensors(export_state_dict(model), folder / MODEL_SAFETENSORS)
+    write_safetensors(model_tensors(model), folder / MODEL_SAFETENSORS)
     (folder / MODEL_YAML).write_text(dump_config(config))
 
 
@@ -63,12 +78,19 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load tensors saved by `model_tensors` into `model`, naming missing, unexpected and mis-shaped keys."""
+    expected = {k: v.shape for k, v in model_tensors(model).items()}
+    if isinstance(model, Transformer):
+        expected = expected_shapes(model.args)
+    check_state_dict({k: v.shape for k, v in state.items()}, expected, source)
+    model.load_state_dict(state, strict=False)  # only the second name of a shared tensor is absent
+
+
 def load_model_weights(model: nn.Module, folder: Path) -> None:
-    """Load `folder/model.safetensors` into `model`, naming missing, unexpected and mis-shaped keys."""
+    """Load `folder/model.safetensors` into `model`."""
     path = folder / MODEL_SAFETENSORS
-    state = read_safetensors(path)
-    check_state_dict({k: v.shape for k, v in state.items()}, expected_shapes(model.args), str(path))
-    model.load_state_dict(state, strict=not model.args.tie_embeddings)
+    load_weights(model, read_safetensors(path), str(path))
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

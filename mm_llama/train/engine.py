@@ -4,6 +4,11 @@ Per optimizer step: fetch `grad_accum` micro-batches, count their labelled token
 each with the summed loss divided by the step's token count (so accumulation equals one large batch),
 clip, set the scheduled learning rate, step, log one metrics row; checkpoint atomically every N steps.
 A run directory that already holds checkpoints resumes from the newest one, data position and RNG included.
+
+Under `torchrun` (WORLD_SIZE > 1) the same loop runs on every rank over a `parallel.ParallelRun`: the
+model is sharded by the `parallel:` section, each data-parallel rank reads its own share of the data,
+losses and label counts are summed over ranks, checkpoints are distributed (DCP), and only rank 0
+writes metrics, plots and `final/`.
 """
 from __future__ import annotations
 
@@ -18,13 +23,11 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, dump_config, read_yaml
-from ..checkpoint.native import atomic_folder
+from ..checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, atomic_folder, write_safetensors
 from ..config.stage import StageConfig
-from ..data import TextLoader, check_sources, heldout_batches
-from ..model import Transformer, init_weights
-from ..text import load_tokenizer
+from ..parallel import checkpoint as dcp_checkpoint
 from . import checkpointing as ckpt
-from .losses import lm_loss_sum
+from .tasks import Task, task_for
 from .metrics import MetricsLog, Progress
 from .plots import plot_run
 from .schedule import lr_at
@@ -50,6 +53,14 @@ def _autocast(cfg: StageConfig, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _param_dtype(cfg: StageConfig, device: torch.device) -> torch.dtype:
+    """The dtype FSDP computes in: bf16 parameters on GPU (reduced in fp32), fp32 on CPU."""
+    dtype = cfg.run.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+
 def _ramp(cfg: StageConfig, tokens: int) -> tuple[int, int]:
     """(seq_len, grad_accum) in force after `tokens` tokens (the paper's batch-size / length ramp)."""
     seq_len, accum = cfg.train.seq_len, cfg.train.grad_accum
@@ -60,22 +71,23 @@ def _ramp(cfg: StageConfig, tokens: int) -> tuple[int, int]:
     return seq_len, accum
 
 
-def _optimizer(model: Transformer, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(params, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only (frozen ones get no state); no decay on norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    params = list(params)
+    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=device.type in ("cpu", "cuda"))
 
 
 def _check_resume_config(run_dir: Path, cfg: StageConfig) -> None:
-    """A resumed run must train the same thing: only `run.*` and `train.steps` may change."""
+    """A resumed run must train the same thing: only `run.*`, `parallel.*` (the layout) and `train.steps` may change."""
     old = read_yaml(run_dir / "config.yaml")
     new = cfg.model_dump(mode="json", by_alias=True)
     changed = []
     for section in new:
-        if section == "run":
+        if section in ("run", "parallel"):
             continue
         a, b = old.get(section), new[section]
         if section == "train" and isinstance(a, dict):
@@ -87,81 +99,132 @@ def _check_resume_config(run_dir: Path, cfg: StageConfig) -> None:
                           "settings; use a new run.out_dir or restore the config")
 
 
-def _init_model(cfg: StageConfig, device: torch.device) -> Transformer:
-    model = Transformer(cfg.model.lm)
-    if cfg.init.from_ is None:
-        init_weights(model, torch.Generator().manual_seed(cfg.run.seed))
-    else:
-        from ..checkpoint import from_pretrained
+def _per_block(cfg: StageConfig):
+    """Activation checkpointing and compilation, applied to each Transformer block."""
+    def apply(block: torch.nn.Module) -> None:
+        if cfg.train.activation_checkpointing:
+            from torch.distributed._composable import checkpoint as activation_checkpoint
 
-        source = from_pretrained(cfg.init.from_)
-        # compare what the weights mean, not how the FFN width was spelled (multiple_of vs multiplier)
-        shape_keys = ["dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "vocab_size", "norm_eps", "rope_theta",
-                      "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                      "rope_original_context", "tie_embeddings"]
-        diff = [k for k in shape_keys if getattr(source.args, k) != getattr(cfg.model.lm, k)]
-        if diff:
-            raise ConfigError(f"init.from {cfg.init.from_}: its model differs from model.lm in {diff}")
-        model.load_state_dict(source.state_dict())
-    return model.to(device)
+            activation_checkpoint(block)
+        if cfg.train.compile:
+            block.compile()
+    return apply
+
+
+class _LocalRun:
+    """The single-process layout, with the interface of `parallel.ParallelRun` the loop below uses."""
+
+    rank, dp_rank, dp = 0, 0, 1
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, task: Task):
+        self.model, self.device, self.state_module, self.task = model, device, model, task
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def forward_backward(self, b, n_labels: int, autocast) -> torch.Tensor:
+        with autocast():
+            loss = self.task.loss(self.model, b, self.device)
+        (loss / max(n_labels, 1)).backward()
+        return loss.detach().double().cpu()
+
+    def sum_over_dp(self, value):
+        return value
+
+    def sum_losses(self, local: torch.Tensor) -> float:
+        return float(local)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], max_norm))
+
+    def evaluate(self, batches, autocast) -> dict[str, float]:
+        return self.task.evaluate(self.model, batches, self.device, autocast)
+
+    def gather_data_states(self, state: dict) -> dict:
+        return state
 
 
 def train_stage(cfg: StageConfig) -> Path:
-    """Run (or resume) one stage; returns its run directory."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("distributed training (torchrun) is not built yet in this version: run single-process")
+    """Run (or resume) one stage; returns its run directory. Under torchrun every rank calls it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _train_stage(cfg)
+    from ..parallel import RankFailure, describe_failure
+
+    try:
+        return _train_stage(cfg)
+    except (ConfigError, NonFiniteLossError):
+        raise
+    except Exception as e:  # a timed-out or broken collective: say which rank saw it and which ranks are stuck
+        raise RankFailure(describe_failure(e)) from e
+
+
+def _train_stage(cfg: StageConfig) -> Path:
     run_dir = Path(cfg.run.out_dir)
     ckpt_dir = run_dir / "checkpoints"
     if (run_dir / "final" / "model.safetensors").exists():
         print(f"[{cfg.name}] already finished: {run_dir / 'final'}")
         return run_dir
-    check_sources(cfg.data)
-    tokenizer = load_tokenizer(Path(cfg.data.root) / cfg.data.tokenizer)
-    if tokenizer.n_words > cfg.model.lm.vocab_size:
-        raise ConfigError(f"model.lm.vocab_size ({cfg.model.lm.vocab_size}) is smaller than the tokenizer's "
-                          f"{tokenizer.n_words} tokens ({Path(cfg.data.root) / cfg.data.tokenizer})")
+    task = task_for(cfg)
+    task.check()
 
     device = _device(cfg)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and task.name != "lm":
+        raise ConfigError(f"train.objective '{task.name}': distributed runs support the 'lm' objective so far; "
+                          "run this stage single-process")
+    if distributed:
+        from ..parallel import start
+
+        rank, dims = start(cfg, device)
+    else:
+        rank, dims = 0, None
+    main = rank == 0
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    ckpt.remove_partial(ckpt_dir)
+    if main:
+        ckpt.remove_partial(ckpt_dir)
     existing = ckpt.list_checkpoints(ckpt_dir)
     if existing:
         _check_resume_config(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
 
-    model = _init_model(cfg, device)
+    model = task.build_model().to(device)
     select_trainable(model, cfg.train.trainable, cfg.train.frozen)
-    if cfg.train.activation_checkpointing:
-        from torch.distributed._composable import checkpoint as activation_checkpoint
-
-        for layer in model.layers:
-            activation_checkpoint(layer)
-    if cfg.train.compile:
-        for layer in model.layers:
-            layer.compile()
-    optimizer = _optimizer(model, cfg, device)
     autocast = _autocast(cfg, device)
+    if distributed:
+        from ..parallel import ParallelRun
+
+        par = ParallelRun.setup(model, cfg, dims, device, _param_dtype(cfg, device), _per_block(cfg))
+    else:
+        for block in task.blocks(model):
+            _per_block(cfg)(block)
+        par = _LocalRun(model, device, task)
+    optimizer = _optimizer(par.parameters(), cfg, device)
 
     state = {"step": 0, "tokens": 0, "data": None, "nonfinite_skips": 0}
     if existing:
-        state = ckpt.load_checkpoint(existing[-1], model, optimizer)
+        if distributed or dcp_checkpoint.is_distributed(existing[-1]):  # DCP loads at any layout
+            state = dcp_checkpoint.load(existing[-1], par.state_module, optimizer)
+        else:
+            state = ckpt.load_checkpoint(existing[-1], model, optimizer)
         torch.set_rng_state(state["rng"])
     step, tokens = state["step"], state["tokens"]
     seq_len, accum = _ramp(cfg, tokens)
 
     def make_loader(seq_len: int, position):
-        loader = TextLoader(cfg.data, tokenizer, seq_len=seq_len, batch_size=cfg.train.micro_batch, seed=cfg.run.seed)
-        if position is not None:
+        loader = task.loader(seq_len, cfg.train.micro_batch, par.dp_rank, par.dp)
+        if isinstance(position, list):  # one position per data-parallel rank, re-split if their number changed
+            loader.load_state_dicts(position)
+        elif position is not None:
             loader.load_state_dict(position)
         return loader, iter(loader)
 
     loader, batches = make_loader(seq_len, state["data"])
-    heldout = (heldout_batches(cfg.data, tokenizer, seq_len, cfg.train.micro_batch, cfg.train.eval_batches)
-               if cfg.data.heldout and cfg.train.eval_batches else [])
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
-    progress = Progress(cfg.train.steps, step, cfg.run.log_every, cfg.name)
+    heldout = task.heldout(seq_len, cfg.train.micro_batch)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if main else None
+    progress = Progress(cfg.train.steps, step, cfg.run.log_every, cfg.name) if main else None
     nonfinite = state["nonfinite_skips"]
     model.train()
     try:
@@ -170,18 +233,15 @@ def train_stage(cfg: StageConfig) -> Path:
             if new_seq_len != seq_len:
                 seq_len = new_seq_len
                 loader, batches = make_loader(seq_len, loader.state_dict())
-                progress.note(f"sequence length -> {seq_len} at {tokens:,} tokens")
+                if main:
+                    progress.note(f"sequence length -> {seq_len} at {tokens:,} tokens")
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
-            n_labels = sum(int((b.labels != -100).sum()) for b in micro)
+            n_labels = int(par.sum_over_dp(sum(task.count(b) for b in micro)))
             loss_sum = torch.zeros((), dtype=torch.float64)
             for b in micro:
-                with autocast():
-                    logits = model(b.tokens.to(device), doc_ids=b.doc_ids.to(device))
-                    loss = lm_loss_sum(logits, b.labels.to(device))
-                (loss / max(n_labels, 1)).backward()
-                loss_sum += loss.detach().double().cpu()
-            mean_loss = float(loss_sum) / max(n_labels, 1)
+                loss_sum += par.forward_backward(b, n_labels, autocast)
+            mean_loss = par.sum_losses(loss_sum) / max(n_labels, 1)
             lr = lr_at(step, cfg.optim, cfg.train.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -191,67 +251,93 @@ def train_stage(cfg: StageConfig) -> Path:
                 if nonfinite > cfg.train.max_nonfinite_skips:
                     raise NonFiniteLossError(f"[{cfg.name}] non-finite loss at step {step + 1} "
                                              f"(skips allowed: {cfg.train.max_nonfinite_skips})")
-                progress.note(f"non-finite loss at step {step + 1}: step skipped ({nonfinite} so far)")
+                if main:
+                    progress.note(f"non-finite loss at step {step + 1}: step skipped ({nonfinite} so far)")
                 grad_norm = float("nan")
             else:
-                trainable = [p for p in model.parameters() if p.grad is not None]
-                max_norm = cfg.train.clip_grad if cfg.train.clip_grad is not None else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                grad_norm = par.clip_grad_norm_(cfg.train.clip_grad if cfg.train.clip_grad is not None else float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_tokens = sum(b.tokens.numel() for b in micro)
+            step_tokens = sum(task.batch_tokens(b) for b in micro) * par.dp
             tokens += step_tokens
             elapsed = time.perf_counter() - t0
             stats = loader.stats()
             row = {"step": step, "loss": mean_loss if math.isfinite(mean_loss) else None, "lr": lr, "tokens": tokens,
                    "tokens_per_s": step_tokens / elapsed, "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                   "skipped_samples": stats["skipped_samples"], "skipped_shards": stats["skipped_shards"],
-                   "packing_efficiency": stats["packing_efficiency"], "seq_len": seq_len, "grad_accum": accum,
-                   "nonfinite_skips": nonfinite}
+                   **{k: stats[k] for k in ("skipped_samples", "skipped_shards", "packing_efficiency") if k in stats},
+                   "seq_len": seq_len, "grad_accum": accum, "nonfinite_skips": nonfinite}
             if heldout and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
-                row["val_loss"] = evaluate(model, heldout, device, autocast)
-            metrics.write(row)
-            progress.update({**row, "loss": mean_loss})
+                row.update(_metrics(par.evaluate(heldout, autocast)))
+            if main:
+                metrics.write(row)
+                progress.update({**row, "loss": mean_loss})
             if step % cfg.run.checkpoint_every == 0 or step == cfg.train.steps:
-                trainer_state = {"step": step, "tokens": tokens, "data": loader.state_dict(),
+                trainer_state = {"step": step, "tokens": tokens, "data": par.gather_data_states(loader.state_dict()),
                                  "rng": torch.get_rng_state(), "nonfinite_skips": nonfinite}
-                ckpt.save_checkpoint(ckpt_dir, step, model, cfg.model, optimizer, trainer_state)
-                ckpt.prune(ckpt_dir, cfg.run.keep_last)
-                plot_run(MetricsLog.read(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png", cfg.name)
+                if distributed:
+                    dcp_checkpoint.save(ckpt_dir / f"step_{step:08d}", par.state_module, optimizer, cfg.model, trainer_state)
+                else:
+                    ckpt.save_checkpoint(ckpt_dir, step, model, task.model_config(), optimizer, trainer_state)
+                if main:
+                    ckpt.prune(ckpt_dir, cfg.run.keep_last)
+                    plot_run(MetricsLog.read(run_dir / "metrics.jsonl"), run_dir / "plots" / "loss.png", cfg.name)
     finally:
-        progress.close()
-        metrics.close()
-    _write_final(cfg, run_dir, model, heldout, device, autocast)
+        if main:
+            progress.close()
+            metrics.close()
+    if distributed:
+        _write_final_distributed(cfg, run_dir, par, heldout, autocast)
+    else:
+        _write_final(cfg, task, run_dir, model, heldout, par, autocast)
     return run_dir
 
 
-@torch.no_grad()
-def evaluate(model: Transformer, batches, device: torch.device, autocast) -> float:
-    """Mean next-token loss per labelled token over fixed held-out batches."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for b in batches:
-        with autocast():
-            logits = model(b.tokens.to(device), doc_ids=b.doc_ids.to(device))
-            total += float(lm_loss_sum(logits, b.labels.to(device)))
-        count += int((b.labels != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+def _metrics(result) -> dict[str, float]:
+    """Evaluation results as metrics-row entries (a bare float is the held-out loss)."""
+    return result if isinstance(result, dict) else {"val_loss": result}
 
 
-def _write_final(cfg: StageConfig, run_dir: Path, model: Transformer, heldout, device, autocast) -> None:
+
+def _write_final(cfg: StageConfig, task: Task, run_dir: Path, model, heldout, par, autocast) -> None:
     """The stage's output model in `final/`: the last checkpoint, or the Polyak average of the last K."""
     checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
     summary = {"stage": cfg.name, "steps": cfg.train.steps}
     if cfg.train.polyak_last > 1 and len(checkpoints) >= 2:
         chosen = checkpoints[-cfg.train.polyak_last:]
-        model.load_state_dict(ckpt.polyak_average(chosen), strict=not cfg.model.lm.tie_embeddings)
+        ckpt.load_weights(model, ckpt.polyak_average(chosen), str(run_dir / "checkpoints"))
         summary["polyak_averaged"] = [p.name for p in chosen]
     if heldout:
-        summary["val_loss"] = evaluate(model, heldout, device, autocast)
+        summary.update(_metrics(par.evaluate(heldout, autocast)))
     with atomic_folder(run_dir / "final") as tmp:
-        ckpt.write_model(model, cfg.model, tmp)
+        ckpt.write_model(model, task.model_config(), tmp)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" (held-out loss {summary['val_loss']:.4f})" if heldout else ""))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float))
+    print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" ({shown})" if shown else ""))
+
+
+def _write_final_distributed(cfg: StageConfig, run_dir: Path, par, heldout, autocast) -> None:
+    """`final/` from a torchrun run: every rank evaluates the final weights, rank 0 writes them as one safetensors file."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
+    summary = {"stage": cfg.name, "steps": cfg.train.steps}
+    if cfg.train.polyak_last > 1 and len(checkpoints) >= 2:
+        chosen = checkpoints[-cfg.train.polyak_last:]
+        states = [dcp_checkpoint.read_model(c, cfg.model) for c in chosen]
+        weights = {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
+        set_model_state_dict(par.state_module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        summary["polyak_averaged"] = [p.name for p in chosen]
+    else:
+        weights = None
+    if heldout:
+        summary["val_loss"] = par.evaluate(heldout, autocast)
+    if par.rank == 0:
+        if weights is None:
+            weights = dcp_checkpoint.read_model(checkpoints[-1], cfg.model)
+        with atomic_folder(run_dir / "final") as tmp:
+            write_safetensors(weights, tmp / MODEL_SAFETENSORS)
+            (tmp / MODEL_YAML).write_text(dump_config(cfg.model))
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" (held-out loss {summary['val_loss']:.4f})" if heldout else ""))
+    torch.distributed.barrier()

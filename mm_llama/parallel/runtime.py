@@ -1,0 +1,218 @@
+"""What the training engine needs from a parallel layout: forward/backward, loss reduction, clipping.
+
+`ParallelRun.setup` parallelizes a freshly built `Transformer` in the order TP → CP → (activation
+checkpointing, compile) → FSDP, or cuts it into pipeline stages first. The loss of every rank is a
+sum over its labelled tokens divided by the label count of the whole global batch, and FSDP sums
+gradients, so one optimizer step equals the single-process step on the same global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from ..config import ConfigError
+from ..config.stage import StageConfig
+from ..model import Transformer
+from ..train.losses import lm_loss_sum
+from .context_parallel import apply_cp, shard_sequence
+from .fsdp import apply_fsdp
+from .mesh import ParallelDims, build_mesh, fsdp_mesh
+from .pipeline import build_schedule, build_stages, split_layers
+from .tensor_parallel import apply_tp
+
+
+class StateView(nn.Module):
+    """This rank's pipeline stages under the Transformer's names (`tok_embeddings`, `layers.{i}`, `norm`, `output`),
+    so checkpoint keys are the same at every layout."""
+
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        for s in stages:
+            self.layers.update(s.layers)
+            for name in ("tok_embeddings", "norm", "output"):
+                if getattr(s, name) is not None:
+                    setattr(self, name, getattr(s, name))
+
+
+@dataclass
+class ParallelRun:
+    dims: ParallelDims
+    mesh: DeviceMesh
+    device: torch.device
+    modules: list[nn.Module]  # the modules that run forward: the whole model, or this rank's stages
+    state_module: nn.Module  # what checkpoints read and write
+    vocab_parallel: bool
+    schedule: object = None
+    _pending: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- building
+
+    @classmethod
+    def setup(cls, model: Transformer, cfg: StageConfig, dims: ParallelDims, device: torch.device,
+              dtype: torch.dtype, per_block: Callable[[nn.Module], None]) -> "ParallelRun":
+        p = cfg.parallel
+        if dims.cp > 1 and dims.pp > 1:
+            raise ConfigError("parallel.cp > 1 together with parallel.pp > 1 is not supported in this version")
+        mesh = build_mesh(dims, device.type)
+        vocab_parallel = dims.tp > 1 and p.vocab_parallel_loss and not model.args.tie_embeddings
+        schedule = None
+        if dims.pp > 1:
+            stages = build_stages(model, mesh["pp"], p.pp_schedule, p.pp_virtual_stages)
+            modules = [m for _, m in stages]
+        else:
+            stages, modules = None, [model]
+        for m in modules:
+            if dims.tp > 1:
+                apply_tp(m, mesh["tp"], vocab_parallel)
+            if dims.cp > 1:
+                apply_cp(m, mesh["cp"])
+            for block in (m.layers.values() if isinstance(m.layers, nn.ModuleDict) else m.layers):
+                per_block(block)
+            if dims.dp * dims.cp > 1:
+                apply_fsdp(m, fsdp_mesh(mesh), dtype, p.reshard_after_forward)
+        run = cls(dims, mesh, device, modules, StateView(modules) if stages else model, vocab_parallel)
+        if stages:
+            micro = p.pp_microbatches or dims.pp
+            if cfg.train.micro_batch % micro:
+                raise ConfigError(f"parallel.pp_microbatches ({micro}) must divide train.micro_batch ({cfg.train.micro_batch})")
+            n_stages = len(split_layers(model.args.n_layers, dims.pp * len(stages)))
+            run.schedule = build_schedule(stages, n_stages, mesh["pp"], device, p.pp_schedule, micro, run._pipeline_loss)
+        return run
+
+    # ---------------------------------------------------------------- where this rank sits
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    def _holds_stage(self, first: bool) -> bool:
+        return any((s.tok_embeddings if first else s.output) is not None for s in self.modules) if self.schedule else True
+
+    @property
+    def counts_loss(self) -> bool:
+        """One rank per (dp, cp) coordinate reports the loss: TP rank 0 of the last pipeline stage."""
+        return self.mesh["tp"].get_local_rank() == 0 and self._holds_stage(first=False)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        seen = set()
+        for m in self.modules:
+            for prm in m.parameters():
+                if id(prm) not in seen:
+                    seen.add(id(prm))
+                    yield prm
+
+    # ---------------------------------------------------------------- one step
+
+    def _loss_context(self):
+        return loss_parallel() if self.vocab_parallel else contextlib.nullcontext()
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = lm_loss_sum(logits, labels)
+        self._pending["sum"] += _local(loss.detach()).double().cpu()
+        return loss / self._pending["n_labels"]
+
+    def forward_backward(self, batch, n_labels: int, autocast, backward: bool = True) -> torch.Tensor:
+        """Run one micro-batch `[batch, seq]` (this DP rank's); return this rank's summed loss (float64, 0 if it holds none)."""
+        tokens, labels, doc_ids = (t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids))
+        with self._loss_context():
+            if self.schedule is not None:
+                self._pending = {"sum": torch.zeros((), dtype=torch.float64), "n_labels": max(n_labels, 1)}
+                for m in self.modules:
+                    m.queue_doc_ids(doc_ids, self.schedule._n_microbatches)
+                args = (tokens,) if self._holds_stage(first=True) else ()
+                target = labels if self._holds_stage(first=False) else None
+                with autocast():
+                    if backward:
+                        self.schedule.step(*args, target=target)
+                    else:
+                        self.schedule.eval(*args, target=target)
+                return self._pending["sum"]
+            if self.dims.cp > 1:
+                cp, rank = self.dims.cp, self.mesh["cp"].get_local_rank()
+                tokens, labels = shard_sequence(tokens, cp, rank), shard_sequence(labels, cp, rank)
+            with autocast():
+                logits = self.modules[0](tokens, doc_ids=doc_ids)
+                loss = lm_loss_sum(logits, labels)
+            if backward:
+                (loss / max(n_labels, 1)).backward()
+            return _local(loss.detach()).double().cpu()
+
+    @torch.no_grad()
+    def evaluate(self, batches, autocast) -> float:
+        """Mean held-out loss per labelled token; every DP rank evaluates the same batches."""
+        for m in self.modules:
+            m.eval()
+            m.evaluating = True
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for b in batches:
+            n = int((b.labels != -100).sum())
+            total += self.forward_backward(b, n, autocast, backward=False)
+            count += n
+        for m in self.modules:
+            m.train()
+            m.evaluating = False
+        return float(self.sum_over_replica(total)) / max(count, 1)
+
+    # ---------------------------------------------------------------- reductions
+
+    def sum_over_dp(self, value: float | int) -> float:
+        t = torch.tensor(float(value), dtype=torch.float64)
+        dist.all_reduce(t, group=self.mesh["dp"].get_group())
+        return float(t)
+
+    def sum_losses(self, local: torch.Tensor) -> float:
+        """Total loss of the global batch from each rank's local sum (only `counts_loss` ranks contribute)."""
+        t = local.clone() if self.counts_loss else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+    def sum_over_replica(self, local: torch.Tensor) -> float:
+        """One model replica's loss (DP rank 0's view): summed over its CP ranks, counted once over TP and PP."""
+        t = local.clone() if (self.counts_loss and self.dp_rank == 0) else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t)
+
+    def gather_data_states(self, state: dict) -> list[dict]:
+        """The data position of every data-parallel rank, in DP order (ranks of one replica read the same data)."""
+        pairs = [None] * dist.get_world_size()
+        dist.all_gather_object(pairs, (self.dp_rank, state))
+        by_rank = dict(pairs)
+        return [by_rank[d] for d in range(self.dims.dp)]
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Global L2 norm of all gradients (sharded by FSDP/TP, split by PP); scale them down to `max_norm`."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = torch.zeros((), dtype=torch.float64)
+        for g in grads:
+            n = torch.linalg.vector_norm(g, dtype=torch.float32)
+            local += (n.full_tensor() if isinstance(n, DTensor) else n).double().cpu() ** 2
+        if self.dims.pp > 1:
+            dist.all_reduce(local, group=self.mesh["pp"].get_group())
+        norm = math.sqrt(float(local))
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1 and math.isfinite(norm):
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -1,0 +1,2 @@
+"""Modules that define training tasks; `task_for` imports them so their `@register` runs."""
+TASK_MODULES = ("text_lm",)
