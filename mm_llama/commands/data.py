@@ -39,6 +39,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     speech.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     speech.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
 
+    image = kinds.add_parser("image", help="a folder of images (+ TSV/JSONL captions and questions) -> image shards")
+    image.add_argument("--images", required=True, help="folder of .jpg/.png/.webp/.gif files")
+    image.add_argument("--out", required=True, help="output folder")
+    image.add_argument("--captions", help="TSV (image, caption[, question, answer, type]) or JSONL (image, caption, qa); "
+                                          "default: a .txt beside each image")
+    image.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+    image.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+
     help_text = "filter and deduplicate text shards"
     module = _curate_module()
     if module is not None:
@@ -68,6 +76,17 @@ def run(args) -> int:
         print(f"{report.utterances} utterances, {report.seconds:.1f} s of audio in {len(report.shards)} shards "
               f"under {args.out}; skipped: {skipped}")
         return 0 if report.utterances else 1
+    if args.data_command == "pack" and args.modality == "image":
+        from ..data.pack import parse_size
+        from ..data.pack_vision import pack_image
+
+        report = pack_image(args.images, args.out, args.captions, shard_size=parse_size(args.shard_size), prefix=args.prefix)
+        for problem in report.problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+        print(f"{report.images} images in {len(report.shards)} shards under {args.out} ({report.renamed} stored under "
+              f"their real format's extension); skipped: {skipped}")
+        return 0 if report.images else 1
     if args.data_command == "pack":
         from ..data.pack import pack_text, parse_size
 

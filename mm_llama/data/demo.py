@@ -147,7 +147,10 @@ def write_text(out: Path) -> DemoPart:
     return DemoPart("text", counts, readme, files)
 
 
-MODALITIES: dict[str, Callable[[Path], DemoPart]] = {"text": write_text}
+from .demo_vision import write_image  # noqa: E402 (it needs DemoPart, defined above)
+
+
+MODALITIES: dict[str, Callable[[Path], DemoPart]] = {"text": write_text, "image": write_image}
 
 
 def write_demo(out: str | Path, modalities: list[str] | None = None) -> list[DemoPart]:

@@ -1,0 +1,392 @@
+"""Image shards: the sample schemas, decoding with corrupt-image accounting, and the resumable image loader.
+
+Image-text pair / image QA shard schema (WebDataset tar files; members of one sample share `__key__`):
+
+| member                       | content                                                              |
+|------------------------------|----------------------------------------------------------------------|
+| `<key>.jpg` / `.jpeg` / `.png` / `.webp` | the image, any size (tiled to at most `max_tiles` tiles)  |
+| `<key>.txt`                  | the caption (image-text pairs; CLIP and caption targets)             |
+| `<key>.json`                 | optional object: `caption` (overrides `.txt`), `qa`: a list of `{"type", "question", "answer"}` (image QA; `type` is free text such as `colour`), `source`, `url`, ... |
+
+Interleaved image-text documents use the same members per image (`<key>.0.jpg` is not allowed: keys
+hold no dots, so images are `<key>.img0.jpg`, `<key>.img1.png`, ...) and a `<key>.json` with
+`"content": [{"type": "text", "text": ...}, {"type": "image", "member": "img0.jpg"}, ...]`, the chat
+format's parts. Video-text samples hold `<key>.jpgs.npz` (packed JPEG frames: `data`, `offsets`) and
+a `<key>.json` with `fps`, `num_frames`, `caption` and optional `qa`.
+
+Decoding (`decode_image`) sniffs the format from the bytes, decodes JPEG with
+`torchvision.io.decode_jpeg` and PNG/WebP/GIF with `decode_image`, and falls back to PIL for what
+those reject but PIL reads (CMYK JPEGs, 16-bit PNGs). Unusable images are skipped and counted by
+reason: `empty`, `truncated`, `wrong_extension` (content is another format than the member says),
+`too_large` (more than `max_pixels`, checked from the header before decoding: decompression bombs),
+`undecodable`, `no_image` (no image member), `no_text` (no caption or question for the task).
+
+`ImageLoader` streams examples like `TextLoader`: one deterministic, replayable stream per
+(rank, worker) consumer (`SourceStream`'s epoch → shard → sample walk and `Mixture`'s weighted
+draw), decoding and tiling inside the DataLoader workers, batches handed out round-robin, and the
+position of every logical worker kept in the main process, so `state_dict()` resumes exactly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image as tv_decode_image, decode_jpeg
+
+from encoders.vision.transform import stack_images, tile_image
+
+from .accounting import Counters
+from .config import DataConfig
+from .mixing import Mixture, mixed_documents, start_position
+from .shards import DataError, read_shard, source_shards
+from .text_stream import Cursor, SkipSample, SourceStream, derive_seed
+
+log = logging.getLogger("mm_llama.data")
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+MAX_PIXELS = 64 * 2**20  # 64 megapixels: beyond this an image is a decompression bomb, not training data
+STATE_FORMAT = "mm_llama.data.ImageLoader/1"
+
+
+class ImageError(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'jpeg', 'png', 'webp', 'gif' from the magic bytes, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+_EXTENSION_FORMAT = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp", "gif": "gif"}
+
+
+def decode_image(data: bytes, extension: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Image bytes stored under `<key>.<extension>` → uint8 `[3, height, width]` RGB; ImageError(reason) if unusable."""
+    if not data:
+        raise ImageError("empty", "empty file")
+    kind = sniff_format(data)
+    if kind is None:
+        raise ImageError("undecodable", f"not a JPEG, PNG, WebP or GIF (starts with {data[:8]!r})")
+    expected = _EXTENSION_FORMAT.get(extension.lower())
+    if expected != kind:
+        raise ImageError("wrong_extension", f"a {kind.upper()} stored as .{extension}")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError("truncated" if "runcat" in str(e) else "undecodable", f"unreadable header: {e}") from None
+    if width * height > max_pixels:
+        raise ImageError("too_large", f"{width}x{height} is more than {max_pixels} pixels")
+    if kind == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ImageError("truncated", "the JPEG has no end-of-image marker")
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        if kind == "jpeg":
+            return decode_jpeg(raw, mode=ImageReadMode.RGB)
+        return tv_decode_image(raw, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        first = e
+    try:  # torchvision rejects some valid files (CMYK JPEG, 16-bit PNG) that PIL reads
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = im.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken data
+        reason = "truncated" if "runcat" in f"{first} {e}" else "undecodable"
+        raise ImageError(reason, f"{first}; PIL: {e}") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ImageCounters:
+    """Decoded images and skips by reason; plain ints, so they ride in the loader state across resumes."""
+
+    decoded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str, message: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.warning("skipped image %s (%s): %s", where, reason, message)
+
+    def to_dict(self) -> dict:
+        return {"decoded": self.decoded, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ImageCounters":
+        d = d or {}
+        return cls(int(d.get("decoded", 0)), {k: int(v) for k, v in d.get("skipped", {}).items()})
+
+
+def sample_metadata(sample: dict) -> dict:
+    """The `json` member as a dict ({} when absent); SkipSample when it is not a JSON object."""
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SkipSample(f"json member is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SkipSample(f"json member is a {type(meta).__name__}, expected an object")
+    return meta
+
+
+def sample_caption(sample: dict, meta: dict) -> str | None:
+    text = meta.get("caption")
+    if not isinstance(text, str) and "txt" in sample:
+        try:
+            text = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return text.strip() if isinstance(text, str) and text.strip() else None
+
+
+@dataclass
+class Tiled:
+    """One decoded image cut into tiles: `[rows·cols, 3, tile, tile]` float, and (rows, cols)."""
+
+    tiles: torch.Tensor
+    grid: tuple[int, int]
+
+
+class ImageDecoder:
+    """A shard sample → `Tiled` image (or None after counting why); runs inside the loader's workers."""
+
+    def __init__(self, tile_size: int, max_tiles: int, max_pixels: int = MAX_PIXELS):
+        self.tile_size, self.max_tiles, self.max_pixels = tile_size, max_tiles, max_pixels
+
+    def __call__(self, sample: dict, counters: ImageCounters) -> Tiled | None:
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        member = next((m for m in IMAGE_MEMBERS if m in sample), None)
+        if member is None:
+            counters.skip("no_image", where, f"no {'/'.join(IMAGE_MEMBERS)} member")
+            return None
+        try:
+            pixels = decode_image(sample[member], member, self.max_pixels)
+        except ImageError as e:
+            counters.skip(e.reason, where, str(e))
+            return None
+        counters.decoded += 1
+        tiles, grid = tile_image(pixels, self.tile_size, self.max_tiles)
+        return Tiled(tiles, grid)
+
+
+# ------------------------------------------------------------------------------------------- the loader
+
+Example = Any  # what a task's `make_example` returns for one sample
+MakeExample = Callable[[dict, Tiled, int], Example]  # (sample, image, seed for this sample and epoch) -> example
+
+
+class ImageSourceStream(SourceStream):
+    """`SourceStream` whose items are examples built from decoded images instead of texts.
+
+    Set `decoder`, `make_example` and `image_counters` after construction. `make_example` raises
+    SkipSample for a sample it cannot use (no caption, no question).
+    """
+
+    decoder: ImageDecoder
+    make_example: MakeExample
+    image_counters: ImageCounters
+
+    def documents(self, cursor: Cursor) -> Iterator[tuple[Example, Cursor]]:
+        epoch, pos, start = cursor
+        barren: set[int] = set()
+        while True:
+            shards, strided = self.assignment(epoch)
+            while pos < len(shards):
+                shard = shards[pos]
+                found = considered = False
+                self._problem = ""
+                for index, sample in enumerate(self._samples(epoch, shard)):
+                    if index < start or (strided and index % self.n_consumers != self.consumer):
+                        continue
+                    considered = True
+                    try:
+                        image = self.decoder(sample, self.image_counters)
+                        if image is None:
+                            raise SkipSample("unusable image (counted by reason)")
+                        example = self.make_example(sample, image, derive_seed(self.seed, sample.get("__key__"), epoch))
+                    except SkipSample as e:
+                        self._skip("sample", f"{self.urls[shard]} sample '{sample.get('__key__')}': {e}")
+                        continue
+                    found = True
+                    barren.clear()
+                    yield example, [epoch, pos, index]
+                if considered and not found:  # a shard resumed past its end is not barren
+                    barren.add(shard)
+                    if len(barren) == len(self.urls):
+                        raise DataError(f"data source '{self.source.name}': none of its {len(self.urls)} shards gives a "
+                                        f"usable image sample; last problem: {self._problem or 'no samples'}")
+                pos, start = pos + 1, 0
+            epoch, pos = epoch + 1, 0
+
+
+@dataclass
+class _Plan:
+    """Everything a consumer needs; pickled into DataLoader workers."""
+
+    cfg: DataConfig
+    urls: dict[str, list[str]]
+    decoder: ImageDecoder
+    make_example: MakeExample
+    collate: Callable[[list], Any]
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    workers: int
+
+
+def consumer_batches(plan: _Plan, worker: int, state: dict) -> Iterator[tuple[Any, dict]]:
+    """Endless `(batch, state after it)` of one logical worker of one rank."""
+    counters = Counters.from_dict(state.get("stats"))
+    images = ImageCounters.from_dict(state.get("images"))
+    consumer, n_consumers = plan.rank * plan.workers + worker, plan.world_size * plan.workers
+    streams = []
+    for s in plan.cfg.sources:
+        stream = ImageSourceStream(s, plan.urls[s.name], consumer, n_consumers, plan.seed, plan.cfg.shuffle,
+                                   plan.cfg.shuffle_buffer, counters)
+        stream.decoder, stream.make_example, stream.image_counters = plan.decoder, plan.make_example, images
+        streams.append(stream)
+    mixture = Mixture([s.weight for s in plan.cfg.sources], plan.seed, consumer)
+    examples = mixed_documents(streams, mixture, state.get("position") or start_position(streams))
+    while True:
+        chunk = [next(examples) for _ in range(plan.batch_size)]
+        counters.documents += len(chunk)
+        last = chunk[-1][1]  # where the batch's last example stands; resume one past it
+        position = {"n": last["n"] + 1, "cursors": {k: list(v) for k, v in last["cursors"].items()}}
+        position["cursors"][plan.cfg.sources[mixture.choose(last["n"])].name][2] += 1
+        yield plan.collate([e for e, _ in chunk]), {"position": position, "stats": counters.to_dict(),
+                                                    "images": images.to_dict()}
+
+
+class _WorkerStreams(IterableDataset):
+    def __init__(self, plan: _Plan, states: list[dict], first: int):
+        self.plan, self.states, self.first = plan, states, first
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.first) % self.plan.workers
+        for batch, state in consumer_batches(self.plan, worker, self.states[worker]):
+            yield batch, worker, state
+
+
+class ImageLoader:
+    """Endless batches of image examples for one rank, resumable at any batch (see the module docstring).
+
+    `make_example(sample, tiled_image, seed)` turns one decoded sample into a task's example (the seed is
+    a pure function of run seed, sample key and epoch, for choices such as which question to ask);
+    `collate(examples)` makes the batch. Both run in the workers, so they must pickle (module-level
+    functions or classes). `data.num_workers` worker processes per rank; 0 reads in this process.
+    """
+
+    def __init__(self, cfg: DataConfig, make_example: MakeExample, collate: Callable[[list], Any], *, batch_size: int,
+                 seed: int, tile_size: int, max_tiles: int, rank: int = 0, world_size: int = 1,
+                 max_pixels: int = MAX_PIXELS):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        urls = {s.name: source_shards(s, cfg.root) for s in cfg.sources}
+        self._plan = _Plan(cfg, urls, ImageDecoder(tile_size, max_tiles, max_pixels), make_example, collate,
+                           batch_size, seed, rank, world_size, max(1, cfg.num_workers))
+        self._states: list[dict] = [{} for _ in range(self._plan.workers)]
+        self._next = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        plan = self._plan
+        if plan.cfg.num_workers == 0:
+            for batch, state in consumer_batches(plan, 0, self._states[0]):
+                self._states[0] = state
+                yield batch
+            return
+        dataset = _WorkerStreams(plan, [dict(s) for s in self._states], self._next)
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=plan.workers, in_order=True))
+        try:
+            for batch, worker, state in batches:
+                self._states[worker] = state
+                self._next = (worker + 1) % plan.workers
+                yield batch
+        finally:
+            batches._shutdown_workers()  # promptly, not when the garbage collector finds the iterator
+
+    def _identity(self) -> dict:
+        p = self._plan
+        return {"seed": p.seed, "rank": p.rank, "world_size": p.world_size, "workers": p.workers,
+                "sources": {name: len(urls) for name, urls in p.urls.items()}}
+
+    def state_dict(self) -> dict:
+        """Plain dicts, lists and numbers: per logical worker its mixing position and counters, and the next worker."""
+        return {"format": STATE_FORMAT, **self._identity(), "next_worker": self._next,
+                "positions": [dict(s) for s in self._states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an ImageLoader state (expected format {STATE_FORMAT!r})")
+        mine = self._identity()
+        diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise ValueError("the image loader state was saved under different settings, so it cannot continue "
+                             "exactly: " + "; ".join(diff))
+        self._states = [dict(s) for s in state["positions"]]
+        self._next = int(state["next_worker"])
+
+    def stats(self) -> dict:
+        """`skipped_samples`, `skipped_shards`, `examples`, `decoded_images`, `skipped_images` by reason."""
+        counters = [Counters.from_dict(s.get("stats")) for s in self._states]
+        images = [ImageCounters.from_dict(s.get("images")) for s in self._states]
+        reasons: dict[str, int] = {}
+        for c in images:
+            for k, v in c.skipped.items():
+                reasons[k] = reasons.get(k, 0) + v
+        return {"skipped_samples": sum(c.skipped_samples for c in counters),
+                "skipped_shards": sum(c.skipped_shards for c in counters),
+                "examples": sum(c.documents for c in counters),
+                "decoded_images": sum(c.decoded for c in images), "skipped_images": reasons}
+
+
+def heldout_examples(cfg: DataConfig, make_example: MakeExample, *, tile_size: int, max_tiles: int, seed: int,
+                     limit: int, max_pixels: int = MAX_PIXELS) -> tuple[list, ImageCounters]:
+    """Up to `limit` examples of `cfg.heldout`: sources, shards and samples in listed order, read once."""
+    decoder = ImageDecoder(tile_size, max_tiles, max_pixels)
+    counters, images = Counters(), ImageCounters()
+    out: list = []
+    for source in cfg.heldout:
+        for url in source_shards(source, cfg.root):
+            for sample in read_shard(url, counters.skip):
+                if len(out) >= limit:
+                    return out, images
+                image = decoder(sample, images)
+                if image is None:
+                    continue
+                try:
+                    out.append(make_example(sample, image, derive_seed(seed, sample.get("__key__"), 0)))
+                except SkipSample as e:
+                    counters.skip("sample", f"{url} sample '{sample.get('__key__')}': {e}")
+    return out, images
+
+
+def collate_images(tiled: list[Tiled], max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image per example → images `[batch, 1, max_tiles, 3, tile, tile]`, aspect ratios `[batch, 1, 2]`."""
+    return stack_images([[(t.tiles, t.grid)] for t in tiled], max_tiles)

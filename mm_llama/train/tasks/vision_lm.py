@@ -1,0 +1,322 @@
+"""The vision adapter stages (SPEC §4.2): image pre-training and annealing of the composed image–text model.
+
+The model is `MultimodalModel(model.lm, model.vision)`. Where its weights start:
+- `init.from` a text stage (an LM): the LM's weights; the vision parts are new. Or `init.from` an
+  earlier vision stage (a composed model, e.g. annealing after pre-training): every weight, with the
+  encoder's positional embeddings resized when `model.vision.encoder.tile_size` grew (bicubic over the
+  patch grid; the class token's row is kept).
+- `train.options.encoder_from` a CLIP stage (`clip` objective): its image encoder, all but the
+  projection, which here maps into the LM's width and starts fresh.
+What trains is `train.trainable`/`train.frozen` (the stage configs freeze the LM). Each training
+example is one image and one turn in the chat format, `<|image|>` + question → answer; the loss covers
+the answer tokens only (ChatFormat's loss mask). The question is drawn per (sample, epoch) from the
+sample's `qa` list (and its caption, under "Describe the image.", when `targets` includes `caption`).
+
+Evaluation asks every held-out question: an answer is right when greedy decoding would produce exactly
+its tokens and the end of turn. With the prompt and answer teacher-forced, that holds if and only if
+the argmax at every answer position is the next answer token, so one forward pass decides it. Beside
+each question type's accuracy are two image-blind baselines: chance (one over the type's possible
+answers) and the majority answer's share of the held-out questions of that type.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, is_run_dir, read_safetensors, run_dir_model
+from ...config import ConfigError, ModelConfig, load_config
+from ...data import check_sources
+from ...data.demo_vision import ANSWERS
+from ...data.image_text import ImageLoader, Tiled, collate_images, heldout_examples, sample_caption, sample_metadata
+from ...data.text_stream import SkipSample
+from ...model.multimodal import MultimodalModel
+from ...text import ChatFormat, load_tokenizer
+from ..losses import IGNORE, lm_loss_sum
+from .base import Task, register
+from .text_lm import load_init
+
+CAPTION_PROMPT = "Describe the image."
+
+
+def model_folder(path: str | Path) -> Path:
+    """A native model folder: itself, or a run directory's `final/` (else its latest checkpoint)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such model folder or run directory")
+    if is_run_dir(folder) and not (folder / MODEL_SAFETENSORS).is_file():
+        return run_dir_model(folder)
+    if not (folder / MODEL_SAFETENSORS).is_file():
+        raise ConfigError(f"{folder}: no {MODEL_SAFETENSORS} (expected a model folder or a run directory)")
+    return folder
+
+
+def resize_positions(state: dict[str, torch.Tensor], prefix: str, grid: int) -> dict[str, torch.Tensor]:
+    """Resample the encoder's positional tables in `state` (keys under `prefix`) to a `grid × grid` patch grid.
+
+    `vit.positional_embedding` `[1 + g², width]` and `tile_position_embedding` `[grids, tiles, 1 + g², width]`:
+    row 0 (the class token) is kept, the g × g patch rows are interpolated bicubically. (open_clip's own
+    `resize_pos_embed` handles only the first table, inside a whole-model state dict.)
+    """
+    out = dict(state)
+    for key in (f"{prefix}vit.positional_embedding", f"{prefix}tile_position_embedding"):
+        if key not in state:
+            continue
+        t = state[key]
+        old = round((t.shape[-2] - 1) ** 0.5)
+        if old == grid:
+            continue
+        if old * old + 1 != t.shape[-2]:
+            raise ValueError(f"{key}: {t.shape[-2]} rows is not 1 + a square number of patches")
+        lead, width = t.shape[:-2], t.shape[-1]
+        flat = t.reshape(-1, old * old + 1, width).float()
+        patches = flat[:, 1:].reshape(-1, old, old, width).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+        patches = patches.permute(0, 2, 3, 1).reshape(-1, grid * grid, width)
+        out[key] = torch.cat([flat[:, :1], patches], dim=1).reshape(*lead, grid * grid + 1, width).to(t.dtype)
+    return out
+
+
+def load_encoder(model: MultimodalModel, source: str | Path) -> None:
+    """The image encoder of a CLIP stage (or any saved model with `vision.*` keys), all but its projection."""
+    folder = model_folder(source)
+    path = folder / MODEL_SAFETENSORS
+    state = {k.removeprefix("vision."): v for k, v in read_safetensors(path).items()
+             if k.startswith("vision.") and not k.startswith("vision.projection.")}
+    if not state:
+        raise ConfigError(f"{path}: holds no image encoder ('vision.*' keys)")
+    state = resize_positions(state, "", model.vision.args.grid)
+    expected = {k: v.shape for k, v in model.vision.state_dict().items() if not k.startswith("projection.")}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"{path}: its encoder does not fit model.vision.encoder (missing {missing[:4]}, unexpected "
+                          f"{unexpected[:4]}, other shapes {sorted(wrong)[:4]}): width, layers, heads, patch_size, "
+                          f"max_num_tiles and n_global_layers must match the CLIP stage")
+    model.vision.load_state_dict(state, strict=False)
+
+
+def load_composed(model: MultimodalModel, folder: Path) -> None:
+    """Every weight of a saved composed model, positional tables resized to this model's tile grid."""
+    path = folder / MODEL_SAFETENSORS
+    state = resize_positions(read_safetensors(path), "vision.", model.vision.args.grid)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])
+    # With tied embeddings the output matrix is stored once, under tok_embeddings.
+    missing = [k for k in missing if not (k == "lm.output.weight" and model.args.tie_embeddings)]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"init.from {path}: does not fit the stage's model (missing {missing[:4]}, unexpected "
+                          f"{unexpected[:4]}, other shapes {wrong[:4]})")
+    model.load_state_dict(state, strict=False)
+
+
+class VisionLMOptions(BaseModel):
+    """`train.options` of the `vision_lm` objective."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder_from: str | None = Field(None, description="a CLIP stage's run dir (or model folder): the encoder's start")
+    targets: list[Literal["qa", "caption"]] = Field(default_factory=lambda: ["qa"], min_length=1,
+                                                    description="what an example asks: a qa pair and/or the caption")
+
+
+@dataclass
+class ChatExample:
+    """One image and one chat turn. `tokens`/`loss_mask` cover the whole dialog (ChatFormat)."""
+
+    image: Tiled
+    tokens: list[int]
+    loss_mask: list[bool]
+    kind: str  # question type ("colour", ...; "caption")
+    answer: str
+
+
+@dataclass
+class ChatBatch:
+    """tokens, labels `[batch, seq]` (labels −100 off the answers), images `[batch, 1, tiles, 3, S, S]`, ratios `[batch, 1, 2]`."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    images: torch.Tensor
+    aspect_ratios: torch.Tensor
+    kinds: list[str]
+    answers: list[str]
+
+
+def sample_questions(sample: dict, targets: list[str]) -> list[tuple[str, str, str]]:
+    """`(type, question, answer)` the sample offers for `targets`; SkipSample when it offers none."""
+    meta = sample_metadata(sample)
+    found = []
+    if "qa" in targets:
+        qa = meta.get("qa", [])
+        for item in qa if isinstance(qa, list) else []:
+            if isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip() for k in ("question", "answer")):
+                found.append((str(item.get("type", "qa")), item["question"], item["answer"]))
+    if "caption" in targets:
+        text = sample_caption(sample, meta)
+        if text is not None:
+            found.append(("caption", CAPTION_PROMPT, text))
+    if not found:
+        raise SkipSample(f"no question for targets {targets} (json qa list / caption)")
+    return found
+
+
+class ChatExamples:
+    """A shard sample → one `ChatExample` (drawn by `seed`), or all of them (`every=True`, for evaluation)."""
+
+    def __init__(self, tokenizer, targets: list[str], max_len: int, every: bool = False):
+        self.chat, self.targets, self.max_len, self.every = ChatFormat(tokenizer), list(targets), max_len, every
+
+    def _example(self, image: Tiled, kind: str, question: str, answer: str) -> ChatExample:
+        dialog = self.chat.encode_dialog([
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer},
+        ])
+        if len(dialog) > self.max_len + 1:
+            raise SkipSample(f"{len(dialog)} tokens, more than train.seq_len + 1 = {self.max_len + 1}")
+        return ChatExample(image, dialog.tokens, dialog.loss_mask, kind, answer)
+
+    def __call__(self, sample: dict, image: Tiled, seed: int):
+        found = sample_questions(sample, self.targets)
+        if self.every:
+            return [self._example(image, *q) for q in found]
+        return self._example(image, *found[seed % len(found)])
+
+
+class CollateChat:
+    """Right-pads the dialogs of a batch to its longest; labels are the next token where the loss mask is set."""
+
+    def __init__(self, pad_id: int, max_tiles: int):
+        self.pad_id, self.max_tiles = pad_id, max_tiles
+
+    def __call__(self, examples: list[ChatExample]) -> ChatBatch:
+        length = max(len(e.tokens) for e in examples) - 1
+        tokens = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids = torch.tensor(e.tokens)
+            tokens[i, : len(ids) - 1] = ids[:-1]
+            labels[i, : len(ids) - 1] = torch.where(torch.tensor(e.loss_mask[1:]), ids[1:], IGNORE)
+        images, ratios = collate_images([e.image for e in examples], self.max_tiles)
+        return ChatBatch(tokens, labels, images, ratios, [e.kind for e in examples], [e.answer for e in examples])
+
+
+@register("vision_lm")
+class VisionLM(Task):
+    """Trains the image encoder, cross-attention and image embedding of `MultimodalModel` on image–text turns."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.opts = self.options(VisionLMOptions)
+        if cfg.model.vision is None:
+            raise ConfigError(f"stage '{cfg.name}': the vision_lm objective needs a model with a vision: section")
+        self.encoder = cfg.model.vision.encoder
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.cfg.data.tokenizer_path)
+        return self._tokenizer
+
+    def check(self) -> None:
+        check_sources(self.cfg.data)
+        if self.tokenizer.n_words > self.cfg.model.lm.vocab_size:
+            raise ConfigError(f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size}) is smaller than the tokenizer's "
+                              f"{self.tokenizer.n_words} tokens ({self.cfg.data.tokenizer_path})")
+        image_id = self.cfg.model.vision.image_token_for(self.cfg.model.lm.vocab_size)
+        if image_id != self.tokenizer.image_id:
+            raise ConfigError(f"model.vision.image_token_id is {image_id} but the tokenizer's <|image|> is "
+                              f"{self.tokenizer.image_id} ({self.cfg.data.tokenizer_path})")
+        for path, what in ((self.cfg.init.from_, "init.from"), (self.opts.encoder_from, "train.options.encoder_from")):
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(f"{what}: {path} is not a run directory or model folder")
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.run.seed)
+        model = MultimodalModel(self.cfg.model.lm, self.cfg.model.vision)
+        if self.cfg.init.from_ is not None:
+            folder = model_folder(self.cfg.init.from_)
+            source = load_config(ModelConfig, folder / MODEL_YAML)
+            if source.vision is not None:
+                load_composed(model, folder)
+            else:
+                load_init(model.lm, str(folder))
+                with torch.no_grad():  # the image token's own row starts as the loaded LM's
+                    model.image_embedding.weight[0].copy_(model.lm.tok_embeddings.weight[model.image_token_id])
+        if self.opts.encoder_from is not None:
+            load_encoder(model, self.opts.encoder_from)
+        return model
+
+    def blocks(self, model: MultimodalModel) -> list[nn.Module]:
+        return list(model.lm.layers)
+
+    def _collate(self) -> CollateChat:
+        return CollateChat(self.tokenizer.pad_id, self.encoder.max_num_tiles)
+
+    def loader(self, seq_len, batch_size, rank, world_size):
+        return ImageLoader(self.cfg.data, ChatExamples(self.tokenizer, self.opts.targets, seq_len), self._collate(),
+                           batch_size=batch_size, seed=self.cfg.run.seed, tile_size=self.encoder.tile_size,
+                           max_tiles=self.encoder.max_num_tiles, rank=rank, world_size=world_size)
+
+    def count(self, batch: ChatBatch) -> int:
+        return int((batch.labels != IGNORE).sum())
+
+    def loss(self, model, batch: ChatBatch, device) -> torch.Tensor:
+        logits = model(batch.tokens.to(device), images=batch.images.to(device), aspect_ratios=batch.aspect_ratios.to(device))
+        return lm_loss_sum(logits, batch.labels.to(device))
+
+    def batch_tokens(self, batch: ChatBatch) -> int:
+        return batch.tokens.numel()
+
+    def heldout(self, seq_len, batch_size) -> list:
+        """Every question of the held-out images, up to `train.eval_batches` batches."""
+        if not self.cfg.data.heldout or not self.cfg.train.eval_batches:
+            return []
+        limit = batch_size * self.cfg.train.eval_batches
+        examples, _ = heldout_examples(self.cfg.data, ChatExamples(self.tokenizer, self.opts.targets, seq_len, every=True),
+                                       tile_size=self.encoder.tile_size, max_tiles=self.encoder.max_num_tiles,
+                                       seed=self.cfg.run.seed, limit=limit)
+        flat = [e for group in examples for e in group][:limit]
+        collate = self._collate()
+        return [collate(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)]
+
+    def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
+        return answer_accuracy(model, batches, device, autocast)
+
+
+def answer_accuracy(model: MultimodalModel, batches: list[ChatBatch], device, autocast) -> dict[str, float]:
+    """`val_loss` per answer token, and per question type `val_acc_<type>`, `val_chance_<type>`, `val_majority_<type>`."""
+    was_training = model.training
+    model.eval()
+    right: Counter = Counter()
+    asked: Counter = Counter()
+    answers: dict[str, Counter] = {}
+    total, units = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            labels = b.labels.to(device)
+            with autocast():
+                logits = model(b.tokens.to(device), images=b.images.to(device), aspect_ratios=b.aspect_ratios.to(device))
+            total += float(lm_loss_sum(logits, labels))
+            units += int((labels != IGNORE).sum())
+            hit = ((logits.argmax(-1) == labels) | (labels == IGNORE)).all(dim=1)
+            for kind, answer, ok in zip(b.kinds, b.answers, hit.tolist()):
+                asked[kind] += 1
+                right[kind] += ok
+                answers.setdefault(kind, Counter())[answer] += 1
+    model.train(was_training)
+    out = {"val_loss": total / max(units, 1)}
+    for kind in sorted(asked):
+        out[f"val_acc_{kind}"] = right[kind] / asked[kind]
+        n_answers = len(ANSWERS[kind]) if kind in ANSWERS else len(answers[kind])
+        out[f"val_chance_{kind}"] = 1 / n_answers
+        out[f"val_majority_{kind}"] = answers[kind].most_common(1)[0][1] / asked[kind]
+    return out
