@@ -62,7 +62,8 @@ def test_good_sample_decodes_with_prompt_and_target():
     (None, META, "no_audio"),
     (encode(tone(0.5), 16_000), {"task": "asr", "language": "English"}, "bad_metadata"),
     (encode(tone(0.5), 16_000), {"task": "summarise"}, "bad_metadata"),
-])
+], ids=["garbage", "empty", "nan", "inf", "bad_rate", "too_short", "too_long", "no_audio", "no_transcript",
+        "unknown_task"])  # explicit ids: encoded audio bytes differ between pytest-xdist workers
 def test_corrupt_audio_is_skipped_and_counted_by_reason(audio, meta, reason):
     c = AudioCounters()
     assert decode_speech_sample(sample(audio, meta), ARGS, c) is None

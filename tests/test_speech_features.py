@@ -116,7 +116,7 @@ def test_decode_wav_and_flac_to_mono_float32():
     (wav_bytes(np.zeros(0), 16_000), "empty"),
     (wav_bytes(np.array([0.1, np.nan, 0.2] * 200), 16_000), "non_finite"),
     (wav_bytes(np.array([0.1, np.inf, 0.2] * 200), 16_000), "non_finite"),
-])
+], ids=["bad_header", "empty", "nan", "inf"])
 def test_decode_rejects_corrupt_audio_with_a_reason(data, reason):
     with pytest.raises(AudioError) as e:
         decode_audio(data)
