@@ -18,7 +18,7 @@ def run(args) -> int:
     from ..config.stage import StageConfig
     from ..pipeline import load_pipeline, select, stage_order, stage_overrides
     from ..pipeline.graph import resolve_stage_config
-    from ..pipeline.report import evaluate_text_stage, write_report
+    from ..pipeline.report import collect, write_report
     from ..train.engine import train_stage
 
     path = Path(args.config)
@@ -34,11 +34,10 @@ def run(args) -> int:
         train_stage(configs[s])
     if args.no_eval:
         return 0
-    last = order[-1]
-    if not (out / last / "final").exists():
-        print(f"final stage '{last}' has not run yet: no evaluation written")
+    metrics = collect(out, order)
+    if not metrics:
+        print("no stage has finished yet: no evaluation written")
         return 0
-    metrics = evaluate_text_stage(out / last)
     write_report(out, pipeline.name, order, metrics)
     print(f"wrote {out / 'eval.json'} and {out / 'summary.md'}")
     return 0

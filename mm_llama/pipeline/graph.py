@@ -1,6 +1,7 @@
 """A pipeline config: a graph of stages (DESIGN.md principle 3), run in dependency order.
 
-`init_from: S` makes a stage start from stage S's output (and depend on it); `after: [...]` adds
+`init_from: S` makes a stage start from stage S's output (and depend on it); `inputs: {key: S}` sets
+any other config key to stage S's run directory (e.g. `train.options.encoder_from`); `after: [...]` adds
 ordering without weights. Running again skips finished stages (their `final/` exists) and resumes an
 interrupted one from its checkpoints, since that is what the engine does for any run directory.
 """
@@ -19,12 +20,13 @@ class PipelineStage(BaseModel):
 
     config: str
     init_from: str | None = None
+    inputs: dict[str, str] = Field(default_factory=dict, description="config key -> stage whose run dir it gets")
     after: list[str] = Field(default_factory=list)
     overrides: list[str] = Field(default_factory=list)
 
     @property
     def needs(self) -> list[str]:
-        return [*([self.init_from] if self.init_from else []), *self.after]
+        return [*([self.init_from] if self.init_from else []), *self.inputs.values(), *self.after]
 
 
 class PipelineConfig(BaseModel):
@@ -75,6 +77,7 @@ def stage_overrides(pipeline: PipelineConfig, name: str, out: Path) -> list[str]
     words = [f"data.root={pipeline.data_root}", f"run.out_dir={out / name}", *pipeline.overrides, *st.overrides]
     if st.init_from:
         words.append(f"init.from={out / st.init_from}")
+    words += [f"{key}={out / stage}" for key, stage in st.inputs.items()]
     return words
 
 

@@ -1,11 +1,24 @@
-"""A pipeline's closing report: `eval.json` (flat metrics of the final models) and `summary.md`."""
+"""A pipeline's closing report: `eval.json` (flat metrics of the final models, each with its baseline where
+one exists) and `summary.md` (a table per stage and the training curves)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from ..config import load_config
+from ..config import load_config, read_yaml
 from ..config.stage import StageConfig
+
+# metric in a stage's summary -> (name in eval.json, the summary metric that is its baseline)
+ALIASES = [
+    (re.compile(r"val_acc_(\w+)"), r"image_qa_accuracy_\1", r"val_majority_\1"),
+    (re.compile(r"val_retrieval_(i2t|t2i)"), r"retrieval_\1", "val_retrieval_chance"),
+]
+SKIP = re.compile(r"val_(majority|chance)_\w+|val_retrieval_chance|steps")
+
+
+def objective(run_dir: Path) -> str:
+    return read_yaml(run_dir / "config.yaml").get("train", {}).get("objective", "lm")
 
 
 def evaluate_text_stage(run_dir: Path) -> dict[str, float]:
@@ -20,15 +33,40 @@ def evaluate_text_stage(run_dir: Path) -> dict[str, float]:
     return text_metrics(model, cfg.data, tokenizer, seq_len=min(256, cfg.model.lm.max_seq_len))
 
 
-def write_report(out: Path, name: str, order: list[str], metrics: dict[str, float]) -> None:
-    (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    lines = [f"# Pipeline `{name}`", "", "| stage | steps | final held-out loss |", "|---|---|---|"]
+def stage_metrics(stage: str, summary: dict) -> dict[str, float]:
+    """A stage's final metrics under flat names `<stage>.<metric>`, baselines as `<metric>_baseline`."""
+    out = {}
+    for key, value in summary.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or SKIP.fullmatch(key):
+            continue
+        name = key
+        for pattern, alias, baseline in ALIASES:
+            if pattern.fullmatch(key):
+                name = pattern.sub(alias, key)
+                base = summary.get(pattern.sub(baseline, key))
+                if base is not None:
+                    out[f"{stage}.{name}_baseline"] = base
+        out[f"{stage}.{name}"] = value
+    return out
+
+
+def collect(out: Path, order: list[str]) -> dict[str, float]:
+    """Text metrics of the last text stage, then every finished stage's own final metrics."""
+    metrics: dict[str, float] = {}
+    text_stages = [s for s in order if (out / s / "final").exists() and objective(out / s) == "lm"]
+    if text_stages:
+        metrics.update(evaluate_text_stage(out / text_stages[-1]))
     for stage in order:
         summary = out / stage / "final" / "summary.json"
-        s = json.loads(summary.read_text()) if summary.exists() else {}
-        val = f"{s['val_loss']:.4f}" if "val_loss" in s else "-"
-        lines.append(f"| {stage} | {s.get('steps', '-')} | {val} |")
-    lines += ["", "## Evaluation of the final model", "", "| metric | value | baseline |", "|---|---|---|"]
+        if summary.exists():
+            metrics.update(stage_metrics(stage, json.loads(summary.read_text())))
+    return metrics
+
+
+def write_report(out: Path, name: str, order: list[str], metrics: dict[str, float]) -> None:
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    lines = [f"# Pipeline `{name}`", "", "Every number below was measured by this run.", "",
+             "| metric | value | baseline |", "|---|---|---|"]
     for key, value in metrics.items():
         if not key.endswith("_baseline"):
             base = metrics.get(f"{key}_baseline")
