@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 
@@ -16,7 +17,7 @@ def _curate_module():
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", metavar="{demo,pack,curate}", required=True)
+    sub = p.add_subparsers(dest="data_command", metavar="{demo,pack,curate,rejection-sample}", required=True)
 
     demo = sub.add_parser("demo", help="write the built-in demo data set (offline, deterministic)")
     demo.add_argument("out", help="output folder, e.g. data/demo")
@@ -38,6 +39,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     speech.add_argument("--task", choices=["asr", "ast", "dialogue"], help="task of every utterance, when not given")
     speech.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     speech.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+
+    rs = sub.add_parser("rejection-sample", help="sample K replies per prompt, keep the reward model's best as SFT shards")
+    rs.add_argument("config", help="a rejection-sampling config (configs/post/...)")
+    rs.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. samples_per_prompt=4")
 
     image = kinds.add_parser("image", help="a folder of images (+ TSV/JSONL captions and questions) -> image shards")
     image.add_argument("--images", required=True, help="folder of .jpg/.png/.webp/.gif files")
@@ -63,6 +68,13 @@ def run(args) -> int:
             counts = ", ".join(f"{k} {v}" for k, v in part.counts.items())
             print(f"{part.modality}: {counts} -> {args.out}/{part.modality}/")
         print(f"wrote {args.out}/README.md")
+        return 0
+    if args.data_command == "rejection-sample":
+        from ..config import load_config
+        from ..post.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
+
+        summary = run_rejection_sampling(load_config(RejectionSamplingConfig, args.config, args.overrides))
+        print(json.dumps(summary, indent=2))
         return 0
     if args.data_command == "pack" and args.modality == "speech":
         from ..data.pack import parse_size

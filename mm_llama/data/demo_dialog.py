@@ -1,0 +1,190 @@
+"""Demo post-training data whose better answer is checkable: SFT dialogs, rankings, sampling prompts.
+
+Questions about a scene described in words, so every answer is right or wrong by construction:
+
+| kind       | question                                                | a wrong answer                            |
+|------------|---------------------------------------------------------|-------------------------------------------|
+| colour     | "There is a red ball and a blue cup. What colour is the cup?" | the other object's colour, or one not in the scene |
+| shape      | "The page shows a hexagon. How many sides does it have?"   | another number of sides                    |
+| count      | "Count the apples: apple pear apple."                    | the count off by one or two               |
+| arithmetic | "What is three plus five?"                               | the sum off by one or two                 |
+| transcript | "Write down what the speaker said: ..."                  | one word swapped for another              |
+
+Rankings are `[chosen, rejected]` (right vs wrong) or, for 30%, `[edited, chosen, rejected]`: the
+edited answer states it plainly, the chosen one is right but hedged, the rejected one is wrong.
+10% are rated "slightly_better" (two right answers differing in punctuation), which the stages drop
+as the paper does. A question lands in the held-out split by a digest of its text, so no held-out
+question is seen in training.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import webdataset as wds
+
+SFT_TRAIN, SFT_VAL = 3000, 200
+PREF_TRAIN, PREF_VAL = 3000, 300
+PROMPTS = 64
+HELDOUT_PERCENT = 10
+TRIPLE_SHARE, SLIGHT_SHARE = 0.3, 0.1
+
+OBJECTS = ("ball", "cube", "cup", "hat", "kite", "box", "car", "book", "lamp", "shoe")
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
+SHAPES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "octagon": 8}
+THINGS = ("apple", "pear", "plum", "lemon", "egg", "coin", "key", "star")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
+WORDS = ("river", "stone", "green", "light", "quiet", "house", "bread", "cloud", "window", "garden", "music",
+         "paper", "winter", "silver", "morning", "table", "forest", "letter", "summer", "bridge")
+SYSTEM = "You are a careful assistant. Answer in one short sentence."
+
+
+def _colour(rng: random.Random) -> tuple[str, str, str]:
+    o1, o2 = rng.sample(OBJECTS, 2)
+    c1, c2 = rng.sample(COLOURS, 2)
+    ask, colour, other = rng.choice(((o1, c1, c2), (o2, c2, c1)))
+    if rng.random() < 0.5:  # a colour the scene does not hold
+        other = rng.choice([c for c in COLOURS if c not in (c1, c2)])
+    q = f"There is a {c1} {o1} and a {c2} {o2}. What colour is the {ask}?"
+    return q, f"The {ask} is {colour}.", f"The {ask} is {other}."
+
+
+def _shape(rng: random.Random) -> tuple[str, str, str]:
+    shape = rng.choice(list(SHAPES))
+    n = SHAPES[shape]
+    wrong = rng.choice([m for m in range(3, 9) if m != n])
+    q = f"The page shows a {rng.choice(COLOURS)} {shape}. How many sides does it have?"
+    return q, f"It has {NUMBERS[n]} sides.", f"It has {NUMBERS[wrong]} sides."
+
+
+def _count(rng: random.Random) -> tuple[str, str, str]:
+    thing, other = rng.sample(THINGS, 2)
+    n = rng.randint(1, 5)
+    items = [thing] * n + [other] * rng.randint(0, 3)
+    rng.shuffle(items)
+    wrong = rng.choice([m for m in (n - 2, n - 1, n + 1, n + 2) if m >= 1])
+    q = f"Count the {thing}s: {' '.join(items)}."
+    plural = lambda k: thing if k == 1 else f"{thing}s"  # noqa: E731
+    return q, f"There are {NUMBERS[n]} {plural(n)}.", f"There are {NUMBERS[wrong]} {plural(wrong)}."
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    wrong = a + b + rng.choice((-2, -1, 1, 2))
+    q = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"
+    return q, f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {NUMBERS[a + b]}.", \
+        f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {NUMBERS[wrong]}."
+
+
+def _transcript(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(WORDS, 4)
+    wrong = list(words)
+    wrong[rng.randrange(4)] = rng.choice([w for w in WORDS if w not in words])
+    q = f"Write down what the speaker said: {' '.join(words)}."
+    return q, f"The speaker said: {' '.join(words)}.", f"The speaker said: {' '.join(wrong)}."
+
+
+KINDS = {"colour": _colour, "shape": _shape, "count": _count, "arithmetic": _arithmetic, "transcript": _transcript}
+KIND_WEIGHTS = (0.3, 0.15, 0.2, 0.1, 0.25)
+
+
+def is_heldout_question(question: str) -> bool:
+    return int(hashlib.sha256(question.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+def questions(seed: int, heldout: bool) -> "iter[tuple[str, str, str, str]]":
+    """Endless `(kind, question, right answer, wrong answer)` of one split, seeded."""
+    rng = random.Random(seed)
+    while True:
+        kind = rng.choices(list(KINDS), KIND_WEIGHTS)[0]
+        q, right, wrong = KINDS[kind](rng)
+        if is_heldout_question(q) == heldout:
+            yield kind, q, right, wrong
+
+
+def _prompt(rng: random.Random, question: str) -> list[dict]:
+    user = {"role": "user", "content": question}
+    return [{"role": "system", "content": SYSTEM}, user] if rng.random() < 0.5 else [user]
+
+
+def sft_records(n: int, seed: int, heldout: bool) -> list[dict]:
+    rng, source = random.Random(seed + 1), questions(seed, heldout)
+    records = []
+    for _ in range(n):
+        kind, q, right, _ = next(source)
+        messages = _prompt(rng, q) + [{"role": "assistant", "content": right}]
+        if rng.random() < 0.2:  # a second turn
+            _, q2, right2, _ = next(source)
+            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": right2}]
+        records.append({"messages": messages, "kind": kind})
+    return records
+
+
+def preference_records(n: int, seed: int, heldout: bool) -> list[dict]:
+    rng, source = random.Random(seed + 1), questions(seed, heldout)
+    records = []
+    for _ in range(n):
+        kind, q, right, wrong = next(source)
+        u = rng.random()
+        if u < SLIGHT_SHARE:
+            responses, strength = [right, right[:-1] + "!"], "slightly_better"
+        elif u < SLIGHT_SHARE + TRIPLE_SHARE:
+            hedged = "I am not sure, but " + right[0].lower() + right[1:]
+            responses, strength = [right, hedged, wrong], "significantly_better"
+        else:
+            responses, strength = [right, wrong], rng.choice(("significantly_better", "better"))
+        records.append({"prompt": _prompt(rng, q), "responses": responses, "strength": strength, "kind": kind})
+    return records
+
+
+def prompt_records(n: int, seed: int) -> list[dict]:
+    """Held-out questions for rejection sampling, with the right answer kept for checking."""
+    rng, source = random.Random(seed + 1), questions(seed, True)
+    out = []
+    for _ in range(n):
+        kind, q, right, _ = next(source)
+        out.append({"messages": _prompt(rng, q), "answer": right, "kind": kind})
+    return out
+
+
+def _write(path: Path, prefix: str, records: list[dict]) -> Path:
+    with wds.TarWriter(str(path), mtime=0.0) as sink:
+        for i, r in enumerate(records):
+            sink.write({"__key__": f"{prefix}-{i:06d}", "json": r})
+    return path
+
+
+README = """\
+## dialog/
+
+Post-training data with checkable answers (colours, shapes, counts, arithmetic, transcripts described
+in words); held-out questions never appear in training.
+
+- `dialog/sft-train-000000.tar` ({sft_train}), `dialog/sft-val-000000.tar` ({sft_val}): SFT dialogs,
+  `json` = `{{"messages": [...], "kind": ...}}` (Llama 3 chat messages).
+- `dialog/pref-train-000000.tar` ({pref_train}), `dialog/pref-val-000000.tar` ({pref_val}): rankings,
+  `json` = `{{"prompt": [...], "responses": [best, ..., worst], "strength": ..., "kind": ...}}`; 2 or 3
+  responses (edited > chosen > rejected).
+- `dialog/prompts-000000.tar` ({prompts}): held-out prompts for rejection sampling,
+  `json` = `{{"messages": [...], "answer": the right reply, "kind": ...}}`.
+"""
+
+
+def write_dialog(out: Path):
+    """The demo dialog shards under `out/dialog/` (seconds; deterministic); a `demo.DemoPart`."""
+    from .demo import DemoPart  # demo.py lists this writer, so import it here, not at the top
+
+    folder = out / "dialog"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [
+        _write(folder / "sft-train-000000.tar", "sft", sft_records(SFT_TRAIN, 1, False)),
+        _write(folder / "sft-val-000000.tar", "sftval", sft_records(SFT_VAL, 2, True)),
+        _write(folder / "pref-train-000000.tar", "pref", preference_records(PREF_TRAIN, 3, False)),
+        _write(folder / "pref-val-000000.tar", "prefval", preference_records(PREF_VAL, 4, True)),
+        _write(folder / "prompts-000000.tar", "prompt", prompt_records(PROMPTS, 5)),
+    ]
+    counts = {"sft_train": SFT_TRAIN, "sft_val": SFT_VAL, "pref_train": PREF_TRAIN, "pref_val": PREF_VAL,
+              "prompts": PROMPTS}
+    return DemoPart("dialog", counts, README.format(**counts), files)

@@ -1,0 +1,424 @@
+"""Dialog and preference shards for post-training (SPEC §3): schemas, resumable loaders, SFT packing.
+
+Shard schema (WebDataset tar files, one sample per dialog; the `json` member holds the record):
+
+| record                | `<key>.json`                                                                        |
+|-----------------------|-------------------------------------------------------------------------------------|
+| SFT dialog            | `{"messages": [message, ...]}`, Llama 3 chat messages (`mm_llama.text.chat_format`)  |
+| preference ranking    | `{"prompt": [message, ...], "responses": [best, ..., worst], "strength": optional}` |
+
+A response is the text of one assistant message, or an assistant message dict. A ranking holds 2 or
+3 responses, best first: `[chosen, rejected]` or `[edited, chosen, rejected]` (paper §4.2.1).
+`strength` is the annotators' rating of the gap, one of `STRENGTHS`; a stage may keep only some.
+Media parts of a message (`{"type": "image"}`, ...) refer to members of the same sample; the text
+tasks here skip (and count) dialogs that hold them. A source's `text_key` names the member read
+(`txt`, the default of text sources, means `json` here).
+
+Loaders run in the training process (dialogs are small JSON records; tokenising them is cheap) and
+reuse the text pipeline's seeded walk over shards and weighted mix (`text_stream`, `mixing`). Their
+position is that of the first record not yet delivered, so a resumed loader continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .accounting import Counters, summarize
+from .config import DataConfig, SourceConfig
+from .mixing import Mixture, mixed_documents, start_position
+from .shards import DataError, read_shard, source_shards
+from .text_stream import SkipSample, SourceStream, derive_seed, sample_text
+
+IGNORE = -100
+STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
+STATE_FORMAT = "mm_llama.data.DialogLoader/1"
+
+
+class Filtered(SkipSample):
+    """A usable record the stage leaves out on purpose (e.g. a preference rated too weak): counted, not logged."""
+
+
+# ------------------------------------------------------------------------------ records
+
+
+@dataclass
+class Ranking:
+    """A prompt and 2 or 3 responses, best first (already in the chat format's message form)."""
+
+    prompt: list[dict]
+    responses: list[dict]
+    strength: str | None = None
+    reference_logps: list[float] | None = None  # stored reference-model log-probs, one per response
+
+
+def _media(messages: list) -> bool:
+    return any(isinstance(m, Mapping) and isinstance(m.get("content"), list)
+               and any(isinstance(p, Mapping) and p.get("type") != "text" for p in m["content"]) for m in messages)
+
+
+def parse_dialog(record: Any) -> list[dict]:
+    """The `messages` of an SFT record; SkipSample naming what is wrong."""
+    if not isinstance(record, Mapping) or "messages" not in record:
+        raise SkipSample("an SFT record is a JSON object with 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise SkipSample("'messages' must be a non-empty list")
+    if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
+        raise SkipSample("'messages' has no assistant message, so nothing to learn")
+    if _media(messages):
+        raise SkipSample("the dialog holds media parts; a text model cannot read them")
+    return list(messages)
+
+
+def parse_ranking(record: Any) -> Ranking:
+    """A preference record as a `Ranking`; SkipSample naming what is wrong."""
+    if not isinstance(record, Mapping) or "prompt" not in record or "responses" not in record:
+        raise SkipSample("a preference record is a JSON object with 'prompt' and 'responses'")
+    prompt, responses = record["prompt"], record["responses"]
+    if not isinstance(prompt, list) or not prompt:
+        raise SkipSample("'prompt' must be a non-empty list of messages")
+    if isinstance(prompt[-1], Mapping) and prompt[-1].get("role") == "assistant":
+        raise SkipSample("'prompt' ends with an assistant message; the responses answer it instead")
+    if not isinstance(responses, list) or not 2 <= len(responses) <= 3:
+        raise SkipSample("'responses' must list 2 or 3 responses, best first")
+    as_messages = []
+    for i, r in enumerate(responses):
+        if isinstance(r, str):
+            r = {"role": "assistant", "content": r}
+        if not isinstance(r, Mapping) or r.get("role", "assistant") != "assistant":
+            raise SkipSample(f"responses[{i}] must be a string or an assistant message")
+        as_messages.append({"role": "assistant", **r})
+    strength = record.get("strength")
+    if strength is not None and strength not in STRENGTHS:
+        raise SkipSample(f"'strength' {strength!r} is not one of {', '.join(STRENGTHS)}")
+    if _media(prompt):
+        raise SkipSample("the prompt holds media parts; a text model cannot read them")
+    reference = record.get("reference_logps")
+    if reference is not None and (not isinstance(reference, list) or len(reference) != len(responses)
+                                  or not all(isinstance(x, (int, float)) for x in reference)):
+        raise SkipSample("'reference_logps' must hold one number per response")
+    return Ranking(list(prompt), as_messages, strength, reference)
+
+
+def read_record(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SkipSample(f"not valid JSON ({e.msg})") from None
+
+
+# ------------------------------------------------------------------------------ encoded examples
+
+
+@dataclass
+class EncodedRanking:
+    """`prompt` ids (ending with the assistant header), each response's ids (content + terminator) and
+    the mask of its tokens that count in a loss (DPO leaves out header and termination tokens)."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    loss_masks: list[list[bool]]
+    n: int  # the mixer's draw number of this record in its consumer: seeds per-example randomness
+    reference_logps: list[float] | None = None
+
+
+def encode_ranking(chat, ranking: Ranking, n: int = 0, mask_formatting: bool = True) -> EncodedRanking:
+    """Tokenise a ranking with `ChatFormat` `chat`; ValueError from the chat format becomes SkipSample."""
+    tok = chat.tokenizer
+    formatting = {tok.start_header_id, tok.end_header_id, tok.eot_id, tok.eom_id} if mask_formatting else set()
+    try:
+        prompt = chat.encode_dialog(ranking.prompt, add_generation_prompt=True).tokens
+        responses, masks = [], []
+        header = len(chat.encode_header("assistant"))
+        for r in ranking.responses:
+            ids, mask = chat.encode_message(r)
+            ids, mask = ids[header:], mask[header:]  # the prompt already ends with the assistant header
+            responses.append(ids)
+            masks.append([m and t not in formatting for t, m in zip(ids, mask)])
+    except ValueError as e:
+        raise SkipSample(str(e)) from None
+    return EncodedRanking(prompt, responses, masks, n, ranking.reference_logps)
+
+
+# ------------------------------------------------------------------------------ the record stream
+
+
+def _json_source(source: SourceConfig) -> SourceConfig:
+    return source.model_copy(update={"text_key": "json"}) if source.text_key == "txt" else source
+
+
+class RecordStream:
+    """One rank's endless, seeded walk over the mixed record sources, with a one-record look-ahead.
+
+    `peek()` is the next usable example and `position` the place that re-creates the stream with it
+    first; `take()` consumes it. `encode(record_text, n)` turns a record into an example or raises
+    SkipSample (counted as a skipped sample and logged).
+    """
+
+    def __init__(self, cfg: DataConfig, encode: Callable[[str, int], Any], seed: int, rank: int, world_size: int,
+                 position: dict | None, counters: Counters):
+        sources = [_json_source(s) for s in cfg.sources]
+        urls = {s.name: source_shards(s, cfg.root) for s in sources}
+        streams = [SourceStream(s, urls[s.name], rank, world_size, seed, cfg.shuffle, cfg.shuffle_buffer, counters)
+                   for s in sources]
+        self._docs = mixed_documents(streams, Mixture([s.weight for s in sources], seed, rank),
+                                     position or start_position(streams))
+        self._encode, self._counters = encode, counters
+        self._next: tuple[Any, dict] | None = None
+        self.filtered = 0
+
+    def _fill(self) -> None:
+        while self._next is None:
+            text, position = next(self._docs)
+            try:
+                self._next = (self._encode(text, int(position["n"])), position)
+            except Filtered:
+                self.filtered += 1
+            except SkipSample as e:
+                self._counters.skip("sample", f"record {position['n']} at {position['cursors']}: {e}")
+
+    def peek(self) -> Any:
+        self._fill()
+        return self._next[0]
+
+    @property
+    def position(self) -> dict:
+        self._fill()
+        return self._next[1]
+
+    def take(self) -> Any:
+        item = self.peek()
+        self._next = None
+        return item
+
+
+def heldout_records(cfg: DataConfig, encode: Callable[[str, int], Any], limit: int) -> list:
+    """Up to `limit` examples from `cfg.heldout`: sources, shards and samples in listed order, read once."""
+    counters = Counters()
+    out: list = []
+    for source in map(_json_source, cfg.heldout):
+        for url in source_shards(source, cfg.root):
+            for sample in read_shard(url, counters.skip):
+                if len(out) >= limit:
+                    return out
+                try:
+                    out.append(encode(sample_text(sample, source.text_key), len(out)))
+                except Filtered:
+                    continue
+                except SkipSample as e:
+                    counters.skip("sample", f"{url} sample '{sample.get('__key__')}': {e}")
+    if not out and cfg.heldout and limit > 0:
+        raise DataError(f"held-out sources {', '.join(s.name for s in cfg.heldout)}: no usable record "
+                        f"({counters.skipped_shards} shards and {counters.skipped_samples} samples skipped)")
+    return out
+
+
+# ------------------------------------------------------------------------------ loaders
+
+
+@dataclass
+class _LoaderBase:
+    cfg: DataConfig
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    _position: dict | None = field(default=None, init=False)
+    _stats: dict = field(default_factory=dict, init=False)
+    _filtered: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+
+    def _identity(self) -> dict:
+        return {"kind": type(self).__name__, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "sources": [s.name for s in self.cfg.sources]}
+
+    def _stream(self, encode) -> tuple[RecordStream, Counters]:
+        counters = Counters.from_dict(self._stats)
+        stream = RecordStream(self.cfg, encode, self.seed, self.rank, self.world_size, self._position, counters)
+        stream.filtered = self._filtered
+        return stream, counters
+
+    def _delivered(self, stream: RecordStream, counters: Counters) -> None:
+        self._position = stream.position
+        self._stats = counters.to_dict()
+        self._filtered = stream.filtered
+
+    def state_dict(self) -> dict:
+        """Plain dicts and numbers: the position of the next record and the counters."""
+        return {"format": STATE_FORMAT, **self._identity(), "position": self._position, "stats": dict(self._stats),
+                "filtered": self._filtered}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a dialog loader state (expected format {STATE_FORMAT!r})")
+        diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._identity().items() if state.get(k) != v]
+        if diff:
+            raise ValueError("the data loader state was saved under different settings, so it cannot continue "
+                             "exactly: " + "; ".join(diff))
+        self._position, self._stats = state["position"], dict(state["stats"])
+        self._filtered = int(state.get("filtered", 0))
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """The states of all ranks; this loader continues from its own rank's (same number of ranks only)."""
+        if len(states) != self.world_size:
+            raise ValueError(f"dialog loaders resume with the same number of ranks: saved {len(states)}, "
+                             f"now {self.world_size}")
+        self.load_state_dict(states[self.rank])
+
+    def stats(self) -> dict:
+        """`skipped_samples`, `skipped_shards`, `documents` (records delivered), `packing_efficiency`, `tokens`,
+        `filtered` (records left out on purpose)."""
+        return {**summarize([Counters.from_dict(self._stats)]), "filtered": self._filtered}
+
+
+@dataclass
+class SFTBatch:
+    """Packed dialogs. `tokens`, `labels` (-100: no loss), `doc_ids`: LongTensor `[batch, seq]`."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    doc_ids: torch.Tensor
+
+    def to(self, device) -> "SFTBatch":
+        return SFTBatch(self.tokens.to(device), self.labels.to(device), self.doc_ids.to(device))
+
+
+def dialog_example(dialog) -> tuple[list[int], list[int]]:
+    """An `EncodedDialog` as next-token `(inputs, labels)`: labels only where the target is assistant output."""
+    inputs = dialog.tokens[:-1]
+    labels = [t if m else IGNORE for t, m in zip(dialog.tokens[1:], dialog.loss_mask[1:])]
+    return inputs, labels
+
+
+def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> SFTBatch:
+    """Whole dialogs side by side in rows of `seq_len`: one row per list entry of `examples` groups.
+
+    `examples` is a list of rows, each a list of (inputs, labels); the rest of a row is padding with
+    its own document id and no labels. `doc_ids` number the dialogs of a row, so attention stays inside
+    a dialog and positions restart at each.
+    """
+    tokens = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), seq_len), IGNORE, dtype=torch.long)
+    doc_ids = torch.empty((len(examples), seq_len), dtype=torch.long)
+    for r, row in enumerate(examples):
+        at = 0
+        for d, (inp, lab) in enumerate(row):
+            tokens[r, at:at + len(inp)] = torch.tensor(inp)
+            labels[r, at:at + len(lab)] = torch.tensor(lab)
+            doc_ids[r, at:at + len(inp)] = d
+            at += len(inp)
+        doc_ids[r, at:] = len(row)
+    return SFTBatch(tokens, labels, doc_ids)
+
+
+@dataclass
+class SFTLoader(_LoaderBase):
+    """Endless packed SFT batches `[batch_size, seq_len]`: whole dialogs, loss on assistant tokens only.
+
+    Dialogs are placed greedily in stream order; one that does not fit ends the row (padded) and opens
+    the next. A dialog longer than a row is skipped and counted.
+    """
+
+    chat: Any = None
+    seq_len: int = 0
+    batch_size: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.seq_len < 1 or self.batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {self.seq_len} and {self.batch_size}")
+
+    def encode(self, text: str, n: int) -> tuple[list[int], list[int]]:
+        try:
+            dialog = self.chat.encode_dialog(parse_dialog(read_record(text)))
+        except ValueError as e:
+            raise SkipSample(str(e)) from None
+        if len(dialog) - 1 > self.seq_len:
+            raise SkipSample(f"the dialog has {len(dialog)} tokens, more than a row of {self.seq_len} + 1")
+        return dialog_example(dialog)
+
+    def __iter__(self) -> Iterator[SFTBatch]:
+        stream, counters = self._stream(self.encode)
+        while True:
+            rows, documents = [], 0
+            for _ in range(self.batch_size):
+                row, used = [], 0
+                while used + len(stream.peek()[0]) <= self.seq_len:
+                    row.append(stream.take())
+                    used += len(row[-1][0])
+                rows.append(row)
+                documents += len(row)
+            batch = pack_rows(rows, self.seq_len, self.chat.tokenizer.pad_id)
+            counters.documents += documents
+            counters.tokens += batch.tokens.numel()
+            counters.trained_labels += int((batch.labels != IGNORE).sum())
+            self._delivered(stream, counters)
+            yield batch
+
+
+def sft_heldout(cfg: DataConfig, chat, seq_len: int, batch_size: int, max_batches: int) -> list[SFTBatch]:
+    """Fixed held-out SFT batches from `cfg.heldout` (one dialog per row, so every dialog counts once)."""
+    loader = SFTLoader(cfg, 0, chat=chat, seq_len=seq_len, batch_size=batch_size)
+    examples = heldout_records(cfg, loader.encode, max_batches * batch_size)
+    return [pack_rows([[e] for e in examples[i:i + batch_size]], seq_len, chat.tokenizer.pad_id)
+            for i in range(0, len(examples), batch_size)]
+
+
+@dataclass
+class PreferenceLoader(_LoaderBase):
+    """Endless lists of `batch_size` encoded rankings; a task's `collate` turns each list into tensors.
+
+    `strengths` keeps only rankings rated one of them (records without a rating are kept); a ranking
+    whose prompt plus its longest response (or all its responses, with `concatenated`) needs more
+    than `max_tokens` is skipped and counted.
+    """
+
+    chat: Any = None
+    batch_size: int = 0
+    max_tokens: int = 0
+    strengths: tuple[str, ...] = STRENGTHS
+    mask_formatting: bool = True
+    concatenated: bool = False  # all responses in one row after the prompt (the reward model's rows)
+    collate: Callable[[list[EncodedRanking]], Any] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        bad = [s for s in self.strengths if s not in STRENGTHS]
+        if bad:
+            raise ValueError(f"strengths: unknown {bad}; expected some of {', '.join(STRENGTHS)}")
+
+    def encode(self, text: str, n: int) -> EncodedRanking:
+        ranking = parse_ranking(read_record(text))
+        if ranking.strength is not None and ranking.strength not in self.strengths:
+            raise Filtered(f"rated {ranking.strength!r}; this stage keeps {', '.join(self.strengths)}")
+        example = encode_ranking(self.chat, ranking, n, self.mask_formatting)
+        lengths = [len(r) for r in example.responses]
+        need = len(example.prompt) + (sum(lengths) if self.concatenated else max(lengths))
+        if self.max_tokens and need > self.max_tokens:
+            raise SkipSample(f"prompt and response need {need} tokens, more than {self.max_tokens}")
+        return example
+
+    def __iter__(self) -> Iterator[Any]:
+        stream, counters = self._stream(self.encode)
+        while True:
+            examples = [stream.take() for _ in range(self.batch_size)]
+            batch = self.collate(examples) if self.collate is not None else examples
+            counters.documents += len(examples)
+            counters.tokens += sum(len(e.prompt) + sum(map(len, e.responses)) for e in examples)
+            counters.trained_labels += sum(sum(map(sum, e.loss_masks)) for e in examples)
+            self._delivered(stream, counters)
+            yield batch
+
+
+def example_rng(seed: int, rank: int, n: int) -> random.Random:
+    """Per-example randomness (e.g. the order of responses in a row) that a resumed run repeats."""
+    return random.Random(derive_seed(seed, "example", rank, n))

@@ -1,0 +1,212 @@
+"""Direct preference optimisation (SPEC §3.4) with the paper's changes.
+
+Per (better y_w, worse y_l) pair of a ranking, with log-probs summed over the response's tokens:
+
+    loss = −log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])
+           + α · (−log π(y_w) / |y_w|)
+
+β (paper 0.1) and α, the NLL regularisation on the better response (paper 0.2, after Pang et al. 2024,
+whose NLL term is per token), are options. Header and termination tokens (`<|start_header_id|>`,
+`<|end_header_id|>`, `<|eot_id|>`, `<|eom_id|>`) are left out of every log-prob: they appear in both
+responses and, kept in, push the model to repeat or cut its tails. The reference log-probs come from a
+frozen copy of the starting model (`reference: model`), or from the records (`reference: stored`,
+field `reference_logps` written by `store_reference_logps`). Metrics: the implicit reward
+β·(log π − log π_ref) of the better and worse responses, their margin, and how often it is positive.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ...config import ConfigError
+from ...data.dialog import IGNORE, EncodedRanking, PreferenceLoader, heldout_records
+from ...data.shards import read_shard, source_shards
+from ...data.accounting import Counters
+from ...data.text_stream import SkipSample, sample_text
+from .base import register
+from .post_base import PostTask, PreferenceOptions
+from .reward import ranking_pairs
+from .sft import lm_from_state
+
+
+class DPOOptions(PreferenceOptions):
+    beta: float = Field(0.1, gt=0)
+    nll_weight: float = Field(0.2, ge=0, description="NLL on the better response, per token")
+    reference: Literal["model", "stored"] = "model"
+    reference_from: str | None = Field(None, description="the reference model (default: the starting model)")
+    mask_formatting: bool = Field(True, description="leave header and termination tokens out of the loss")
+
+
+@dataclass
+class PairBatch:
+    """One row per response: tokens, labels `[rows, seq]` (labels -100 outside the response's counted
+    tokens); better, worse `[pairs]` row indices; reference `[rows]` stored log-probs or None."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    better: torch.Tensor
+    worse: torch.Tensor
+    reference: torch.Tensor | None = None
+
+
+def collate_pairs(examples: list[EncodedRanking], pad_id: int) -> PairBatch:
+    """prompt + response per row, right-padded to the longest row."""
+    rows, labels, better, worse, reference = [], [], [], [], []
+    stored = all(e.reference_logps is not None for e in examples)
+    for e in examples:
+        first = len(rows)
+        for r, m in zip(e.responses, e.loss_masks):
+            seq = e.prompt + r
+            rows.append(seq[:-1])
+            # label at t predicts token t+1: counted only where that token is a counted response token
+            labels.append([IGNORE] * (len(e.prompt) - 1) + [t if keep else IGNORE for t, keep in zip(r, m)])
+        for i, j in ranking_pairs(len(e.responses)):
+            better.append(first + i)
+            worse.append(first + j)
+        if stored:
+            reference += list(e.reference_logps)
+    t = max(map(len, rows))
+    pad = lambda xs, v: torch.tensor([x + [v] * (t - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
+    return PairBatch(pad(rows, pad_id), pad(labels, IGNORE), torch.tensor(better), torch.tensor(worse),
+                     torch.tensor(reference, dtype=torch.float64) if stored else None)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits `[rows, seq, vocab]`, labels `[rows, seq]` → (Σ log p of labelled tokens `[rows]`, their count `[rows]`)."""
+    keep = labels != IGNORE
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (logp * keep).sum(-1), keep.sum(-1)
+
+
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, better: torch.Tensor,
+              worse: torch.Tensor, beta: float, nll_weight: float) -> dict[str, torch.Tensor]:
+    """Per pair: `loss`, `chosen_reward`, `rejected_reward`, `margin` from per-row log-probs `[rows]`."""
+    chosen = beta * (policy[better] - reference[better])
+    rejected = beta * (policy[worse] - reference[worse])
+    margin = chosen - rejected
+    loss = -torch.nn.functional.logsigmoid(margin)
+    if nll_weight:
+        loss = loss + nll_weight * (-policy[better] / counts[better].clamp(min=1))
+    return {"loss": loss, "chosen_reward": chosen.detach(), "rejected_reward": rejected.detach(),
+            "margin": margin.detach()}
+
+
+@register("dpo")
+class DPO(PostTask):
+    option_schema = DPOOptions
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.opts.reference == "model" and cfg.init.from_ is None and self.opts.reference_from is None:
+            raise ConfigError(f"stage '{cfg.name}': DPO needs a reference model: set init.from (the SFT model) or "
+                              "train.options.reference_from")
+        self._reference = None
+
+    def build_model(self):
+        return lm_from_state(self.cfg.model.lm, self.start_state(), self.cfg.run.seed)
+
+    def reference_model(self, device):
+        """The frozen reference: `reference_from`, else a copy of the starting weights (loaded again)."""
+        if self._reference is None:
+            if self.opts.reference_from is not None:
+                from ...post.average import read_model
+
+                state, _ = read_model(self.opts.reference_from)
+            else:
+                state = self.start_state()
+            ref = lm_from_state(self.cfg.model.lm, state, self.cfg.run.seed)
+            self._reference = ref.requires_grad_(False).eval()
+        return self._reference.to(device=device)
+
+    def _loader(self, seq_len, batch_size, rank, world_size):
+        return PreferenceLoader(self.cfg.data, self.cfg.run.seed, rank, world_size, chat=self.chat,
+                                batch_size=batch_size, max_tokens=seq_len + 1, strengths=tuple(self.opts.strengths),
+                                mask_formatting=self.opts.mask_formatting)
+
+    def loader(self, seq_len, batch_size, rank, world_size):
+        loader = self._loader(seq_len, batch_size, rank, world_size)
+        loader.collate = lambda ex: collate_pairs(ex, self.chat.tokenizer.pad_id)
+        return loader
+
+    def count(self, batch) -> int:
+        return int(batch.better.numel())
+
+    def terms(self, model, batch, device) -> dict[str, torch.Tensor]:
+        tokens, labels = batch.tokens.to(device), batch.labels.to(device)
+        policy, counts = sequence_logps(model(tokens), labels)
+        if self.opts.reference == "stored":
+            if batch.reference is None:
+                raise ValueError("train.options.reference is 'stored' but a record has no 'reference_logps' "
+                                 "(write them with mm_llama.train.tasks.dpo.store_reference_logps)")
+            reference = batch.reference.to(device=device, dtype=policy.dtype)
+        else:
+            with torch.no_grad():
+                reference, _ = sequence_logps(self.reference_model(device)(tokens), labels)
+        return dpo_terms(policy, reference, counts, batch.better.to(device), batch.worse.to(device),
+                         self.opts.beta, self.opts.nll_weight)
+
+    def loss(self, model, batch, device) -> torch.Tensor:
+        return self.terms(model, batch, device)["loss"].sum()
+
+    def heldout(self, seq_len, batch_size) -> list:
+        if not self.cfg.data.heldout or not self.cfg.train.eval_batches:
+            return []
+        enc = self._loader(seq_len, batch_size, 0, 1).encode
+        examples = heldout_records(self.cfg.data, enc, self.cfg.train.eval_batches * batch_size)
+        pad = self.chat.tokenizer.pad_id
+        return [collate_pairs(examples[i:i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+
+    def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
+        """`val_loss` per pair, `val_reward_accuracy` (better response's implicit reward higher),
+        `val_reward_margin`, `val_chosen_reward`, `val_rejected_reward` (means over pairs)."""
+        was_training = model.training
+        model.eval()
+        sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+        pairs = 0
+        with torch.no_grad():
+            for b in batches:
+                with autocast():
+                    t = self.terms(model, b, device)
+                sums["loss"] += float(t["loss"].sum())
+                sums["accuracy"] += float((t["margin"] > 0).sum())
+                for k in ("margin", "chosen_reward", "rejected_reward"):
+                    sums[k] += float(t[k].sum())
+                pairs += t["margin"].numel()
+        model.train(was_training)
+        names = {"loss": "val_loss", "accuracy": "val_reward_accuracy", "margin": "val_reward_margin",
+                 "chosen_reward": "val_chosen_reward", "rejected_reward": "val_rejected_reward"}
+        return {names[k]: v / max(pairs, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def store_reference_logps(task: DPO, out_dir: str | Path, device: str = "cpu") -> list[Path]:
+    """Copy the training sources' records to `out_dir/<source>/NNNNNN.tar` with `reference_logps` added,
+    computed by the reference model on the same tokens the loss uses; then set `reference: stored`."""
+    import webdataset as wds
+
+    model = task.reference_model(device)
+    loader = task._loader(task.cfg.train.seq_len, 1, 0, 1)
+    counters, written = Counters(), []
+    for source in task.cfg.data.sources:
+        for i, url in enumerate(source_shards(source, task.cfg.data.root)):
+            path = Path(out_dir) / source.name / f"{i:06d}.tar"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with wds.TarWriter(str(path), mtime=0.0) as sink:
+                for sample in read_shard(url, counters.skip):
+                    try:
+                        text = sample_text(sample, "json")
+                        example = loader.encode(text, 0)
+                    except SkipSample:  # copied as it is: training skips it the same way
+                        sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+                        continue
+                    record = json.loads(text)
+                    batch = collate_pairs([example], task.chat.tokenizer.pad_id)
+                    logps, _ = sequence_logps(model(batch.tokens.to(device)), batch.labels.to(device))
+                    sink.write({"__key__": sample["__key__"], "json": {**record, "reference_logps": logps.tolist()}})
+            written.append(path)
+    return written
