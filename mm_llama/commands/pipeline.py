@@ -26,12 +26,21 @@ def run(args) -> int:
     order = stage_order(pipeline, str(path))
     chosen = select(order, pipeline, args.only, args.start)
     out = Path(args.out or f"runs/{pipeline.name}")
+    from ..post.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
+
     # resolve and validate every chosen stage before running any
-    configs = {s: load_config(StageConfig, resolve_stage_config(pipeline, s, path),
-                              [*stage_overrides(pipeline, s, out), *args.overrides]) for s in chosen}
+    configs = {}
+    for s in chosen:
+        rejection = pipeline.stages[s].kind == "rejection_sampling"
+        extra = [] if rejection else args.overrides  # stage overrides do not apply to a data step's schema
+        configs[s] = load_config(RejectionSamplingConfig if rejection else StageConfig,
+                                 resolve_stage_config(pipeline, s, path), [*stage_overrides(pipeline, s, out), *extra])
     for s in chosen:
         print(f"== stage {s} ({pipeline.stages[s].config}) -> {out / s}", flush=True)
-        train_stage(configs[s])
+        if pipeline.stages[s].kind == "rejection_sampling":
+            run_rejection_sampling(configs[s])
+        else:
+            train_stage(configs[s])
     if args.no_eval:
         return 0
     metrics = collect(out, order)

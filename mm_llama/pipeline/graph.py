@@ -10,6 +10,8 @@ from __future__ import annotations
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ConfigError, find_config, load_config
@@ -18,6 +20,7 @@ from ..config import ConfigError, find_config, load_config
 class PipelineStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["train", "rejection_sampling"] = Field("train", description="a training stage, or a data step")
     config: str
     init_from: str | None = None
     inputs: dict[str, str] = Field(default_factory=dict, description="config key -> stage whose run dir it gets")
@@ -74,6 +77,9 @@ def select(order: list[str], pipeline: PipelineConfig, only: list[str] | None, s
 
 def stage_overrides(pipeline: PipelineConfig, name: str, out: Path) -> list[str]:
     st = pipeline.stages[name]
+    if st.kind == "rejection_sampling":  # its own config schema (configs/post/), not a stage config
+        return [f"root={pipeline.data_root}", f"out_dir={out / name}", *st.overrides,
+                *(f"{key}={out / stage}" for key, stage in st.inputs.items())]
     words = [f"data.root={pipeline.data_root}", f"run.out_dir={out / name}", *pipeline.overrides, *st.overrides]
     if st.init_from:
         words.append(f"init.from={out / st.init_from}")
@@ -82,4 +88,5 @@ def stage_overrides(pipeline: PipelineConfig, name: str, out: Path) -> list[str]
 
 
 def resolve_stage_config(pipeline: PipelineConfig, name: str, pipeline_path: Path) -> Path:
-    return find_config(pipeline.stages[name].config, "stages", pipeline_path.parent)
+    folder = "post" if pipeline.stages[name].kind == "rejection_sampling" else "stages"
+    return find_config(pipeline.stages[name].config, folder, pipeline_path.parent)
