@@ -1,8 +1,6 @@
 """4D-parallel building blocks that need no process group: layout arithmetic, pipeline split, CP chunks,
 data-position re-split, memory planner (against the paper's Table 4) and `params --plan`."""
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -112,13 +110,16 @@ def test_memory_plan_shows_why_405b_needs_pipelining():
         plan(_405b(), tp=8, cp=3, pp=16, dp=8, seq_len=8192, batch_per_dp=1)
 
 
-def test_params_plan_command():
-    cmd = [sys.executable, "-m", "mm_llama", "params", "configs/models/llama3_1_405b.yaml", "--plan", "--tp", "8",
+def test_params_plan_command(capsys):
+    from mm_llama.cli import main
+
+    cmd = ["params", "configs/models/llama3_1_405b.yaml", "--plan", "--tp", "8",
            "--pp", "16", "--dp", "64", "--seq-len", "8192", "--batch-per-dp", "32"]
-    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True).stdout
-    memory = json.loads(out)["plan_gib"]
+    assert main([*cmd, "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["plan_gib"]
     assert memory["total"] == pytest.approx(plan(_405b(), tp=8, cp=1, pp=16, dp=64, seq_len=8192, batch_per_dp=32).total / GIB)
-    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert main(cmd) == 0
+    text = capsys.readouterr().out
     assert "fits 80 GiB" in text and "yes" in text
-    bad = subprocess.run([*cmd[:-2], "--cp", "3"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--plan: seq_len 8192 is not divisible by cp=3" in bad.stderr
+    assert main([*cmd[:-2], "--cp", "3"]) != 0
+    assert "--plan: seq_len 8192 is not divisible by cp=3" in capsys.readouterr().err

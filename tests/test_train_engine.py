@@ -152,7 +152,7 @@ def test_impossible_stage_values(demo_data, tmp_path):
 def test_eval_command_reports_model_and_baseline(demo_data, tmp_path, capsys):
     from mm_llama.cli import main
 
-    run_dir = train_stage(stage(demo_data, tmp_path / "run", "train.steps=120", "train.micro_batch=16", "optim.lr=5e-3", "optim.warmup_steps=10"))
+    run_dir = train_stage(stage(demo_data, tmp_path / "run", "train.steps=60", "train.micro_batch=16", "optim.lr=5e-3", "optim.warmup_steps=5"))
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--task", "perplexity", "--json", "--batches", "4", "--seq-len", "64"]) == 0
     metrics = json.loads(capsys.readouterr().out)

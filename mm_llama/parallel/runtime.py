@@ -65,7 +65,6 @@ class ParallelRun:
             raise ConfigError("parallel.cp > 1 together with parallel.pp > 1 is not supported in this version")
         mesh = build_mesh(dims, device.type)
         vocab_parallel = dims.tp > 1 and p.vocab_parallel_loss and not model.args.tie_embeddings
-        schedule = None
         if dims.pp > 1:
             stages = build_stages(model, mesh["pp"], p.pp_schedule, p.pp_virtual_stages)
             modules = [m for _, m in stages]
