@@ -1,8 +1,9 @@
-"""`make demo`: the built-in demo end to end, as far as the recipe is built.
+"""`make demo`: the built-in demo end to end.
 
-Writes the demo data set (if absent), runs `configs/pipelines/demo.yaml` (text pre-training → long
-context → annealing) into the output folder, prints the evaluation table and a continuation of a
-held-out text by the final model. Every number printed comes from this run.
+Writes the demo data set (if absent), runs `configs/pipelines/demo.yaml` (every built stage) into the output
+folder, prints the evaluation table and a short scripted conversation with the final models: a held-out text
+continued, a question about a held-out image, a held-out spoken sentence transcribed, and a held-out question
+to the post-trained chat model. Every number and answer printed comes from this run.
 """
 from __future__ import annotations
 
@@ -11,10 +12,97 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .cli import main as cli
 
 DATA = Path("data/demo")
-NOT_YET = "image/video/speech stages and post-training (SFT, reward model, rejection sampling, DPO)"
+PIPELINE = "configs/pipelines/demo.yaml"
+NOT_YET = "video (frame sampling, temporal aggregator, video cross-attention)"
+
+
+def stage_model(run_dir: Path):
+    """(task, model) of a finished stage: the stage's own task builds the model, `final/` fills the weights."""
+    from .config import load_config
+    from .config.stage import StageConfig
+    from .train.checkpointing import load_model_weights
+    from .train.tasks import task_for
+
+    cfg = load_config(StageConfig, run_dir / "config.yaml")
+    task = task_for(cfg)
+    model = task.build_model()
+    load_model_weights(model, run_dir / "final")
+    return task, model.eval()
+
+
+@torch.no_grad()
+def greedy(forward, prompt: list[int], stop: set[int], max_new_tokens: int) -> list[int]:
+    """Argmax continuation through `forward(tokens [1, T]) -> logits`; a few tokens, so no cache is needed."""
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        nxt = int(forward(torch.tensor([tokens]))[0, -1].argmax())
+        if nxt in stop:
+            break
+        tokens.append(nxt)
+    return tokens[len(prompt):]
+
+
+def show_text(out: Path) -> None:
+    from . import from_pretrained, load_tokenizer
+    from .infer.generate import generate
+
+    model, tokenizer = from_pretrained(out / "anneal"), load_tokenizer(DATA)
+    prompt_text = "The import statement"
+    new = generate(model, tokenizer.encode(prompt_text, bos=True, eos=False), max_new_tokens=32,
+                   stop_tokens=tokenizer.stop_tokens)
+    print(f"[text]   {prompt_text!r} → {prompt_text + tokenizer.decode(new)!r}")
+
+
+def show_image(out: Path, n: int = 4) -> None:
+    task, model = stage_model(out / "vision_anneal")
+    batch = task.heldout(task.cfg.train.seq_len, n)[0]
+    for i in range(min(n, batch.tokens.shape[0])):
+        answer_at = int((batch.labels[i] != -100).nonzero()[0])
+        prompt = batch.tokens[i, : answer_at + 1].tolist()
+        question = task.tokenizer.decode([t for t in prompt if t < task.tokenizer.n_ranks]).strip()
+        images, ratios = batch.images[i : i + 1], batch.aspect_ratios[i : i + 1]
+        reply = greedy(lambda t: model(t, images=images, aspect_ratios=ratios), prompt, task.tokenizer.stop_tokens, 6)
+        print(f"[image]  held-out image, {batch.kinds[i]} question {question[-60:]!r}: model says "
+              f"{task.tokenizer.decode(reply)!r}, truth {batch.answers[i]!r}")
+
+
+def show_speech(out: Path, n: int = 2) -> None:
+    from .train.tasks.speech_lm import greedy_decode
+
+    task, model = stage_model(out / "speech_adapter")
+    shown = 0
+    for b in task.heldout(task.cfg.train.seq_len, 4):
+        frames, lengths = model.encode_speech(b.feats, b.feat_lengths)
+        for i, kind in enumerate(b.tasks):
+            if kind != "asr" or shown == n:
+                continue
+            clip = (frames[i : i + 1, : int(lengths[i])], lengths[i : i + 1])
+            ids = greedy_decode(model, b.prompts[i], clip, task.tokenizer.stop_tokens, 24, torch.device("cpu"))
+            print(f"[speech] held-out clip: heard {task.tokenizer.decode(ids)!r}, said {b.references[i]!r}")
+            shown += 1
+        if shown == n:
+            return
+
+
+def show_dialog(out: Path) -> None:
+    from . import from_pretrained, load_tokenizer
+    from .data.shards import read_shard
+    from .infer.generate import generate
+    from .text import ChatFormat
+
+    model, tokenizer = from_pretrained(out / "dpo"), load_tokenizer(DATA)
+    shard = sorted((DATA / "dialog").glob("prompts-*.tar"))[0]
+    record = json.loads(next(iter(read_shard(str(shard), lambda *_: None)))["json"])
+    prompt = ChatFormat(tokenizer).encode_dialog(record["messages"], add_generation_prompt=True).tokens
+    reply = tokenizer.decode(generate(model, prompt, max_new_tokens=24, stop_tokens=tokenizer.stop_tokens))
+    question = record["messages"][-1]["content"]
+    print(f"[chat]   held-out question {question!r}: model says {reply!r}"
+          + (f", truth {record['answer']!r}" if "answer" in record else ""))
 
 
 def main(argv: list[str]) -> int:
@@ -24,31 +112,25 @@ def main(argv: list[str]) -> int:
         print(f"== writing the demo data set into {DATA}", flush=True)
         if cli(["data", "demo", str(DATA)]) != 0:
             return 1
-    if cli(["pipeline", "configs/pipelines/demo.yaml", "--out", str(out)]) != 0:
+    if cli(["pipeline", PIPELINE, "--out", str(out)]) != 0:
         return 1
     metrics = json.loads((out / "eval.json").read_text())
-    print("\n== evaluation of the final model (held-out demo text)")
-    print(f"{'metric':<16}{'model':>10}{'unigram baseline':>20}")
-    for key in ("heldout_loss", "heldout_ppl"):
-        print(f"{key:<16}{metrics[key]:>10.3f}{metrics[key + '_baseline']:>20.3f}")
-
-    from . import from_pretrained, load_tokenizer
-    from .infer.generate import generate
-
-    model, tokenizer = from_pretrained(out / "anneal"), load_tokenizer(DATA)
-    prompt_text = "The import statement"
-    prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
-    print(f"\n== the final model continues {prompt_text!r} (greedy, 48 tokens):")
-    new = generate(model, prompt, max_new_tokens=48, stop_tokens=tokenizer.stop_tokens)
-    print(prompt_text + tokenizer.decode(new))
-    print(f"\nRan: demo data, tokenizer, stages {', '.join(list_stages(out))} "
-          f"in {time.time() - start:.0f} s. Summary: {out / 'summary.md'}")
+    print("\n== evaluation of the final models (held-out demo data; baseline = blind or untrained)")
+    print(f"{'metric':<58}{'model':>10}{'baseline':>10}")
+    for key, value in metrics.items():
+        if not key.endswith("_baseline"):
+            base = metrics.get(f"{key}_baseline")
+            print(f"{key:<58}{value:>10.3f}{'' if base is None else f'{base:>10.3f}'}")
+    print("\n== a short conversation with the final models")
+    for show in (show_text, show_image, show_speech, show_dialog):
+        try:
+            show(out)
+        except (FileNotFoundError, StopIteration, IndexError) as e:  # a stage the pipeline did not run
+            print(f"[{show.__name__[5:]}] skipped: {e}")
+    print(f"\nRan the demo data and every stage of {PIPELINE} in {time.time() - start:.0f} s. "
+          f"Summary with plots: {out / 'summary.md'}")
     print(f"Not built yet in this version: {NOT_YET}.")
     return 0
-
-
-def list_stages(out: Path) -> list[str]:
-    return [p.parent.name for p in sorted(out.glob("*/final"))]
 
 
 if __name__ == "__main__":
