@@ -23,6 +23,9 @@ def run(args) -> int:
 
     path = Path(args.config)
     pipeline = load_pipeline(path)
+    for word in args.overrides:  # a data.root override moves the whole pipeline's data, data steps included
+        if word.startswith("data.root="):
+            pipeline.data_root = word.split("=", 1)[1]
     order = stage_order(pipeline, str(path))
     chosen = select(order, pipeline, args.only, args.start)
     out = Path(args.out or f"runs/{pipeline.name}")
