@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -15,6 +16,9 @@ class SourceConfig(BaseModel):
     shards: str | list[str]  # paths, globs, brace patterns, `pipe:` commands; "::" joins several in one string
     weight: float = 1.0
     text_key: str = "txt"  # sample field holding the text; "json.text" reads field `text` of the `json` member
+    # "chat": each sample is a dialog, the `messages` list of its `json` member, encoded in the Llama 3 chat
+    # format (header and end-of-turn tokens included, every token a target); text_key is then not used
+    format: Literal["text", "chat"] = "text"
 
     @field_validator("name")
     @classmethod

@@ -5,12 +5,19 @@ a README section. Text comes from what ships with Python itself: the language re
 of `pydoc_data.topics` and the docstrings of a fixed list of standard-library modules, read from
 their source with `ast` (never imported, so nothing runs). The same Python version gives the same
 bytes.
+
+Beside it, the text of the demo world itself (`world_documents`, `world_dialogs`): sentences from the
+grammar of the image captions and the speech sentences, and short dialogs in the exact chat turns the
+image and speech adapter stages train on, with text where those have an image or a clip. A frozen LM
+in those stages can only read and say what its text pre-training covered (the paper's pre-training
+covers what later stages ask about); here that is the world's words, the chat headers and the end of turn.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
 import importlib.util
+import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +29,13 @@ TEXT_TRAIN_SHARDS = 8  # enough for 2 ranks x 2 workers to each own shards
 VAL_PERCENT = 5
 TOKENIZER_RANKS = 4096
 MIN_DOCSTRING_CHARS = 200
+WORLD_TRAIN_SHARDS = 4
+WORLD_DOCUMENTS = {"train": 400, "val": 40}  # plain-text documents of WORLD_SENTENCES sentences
+WORLD_SENTENCES = 40
+WORLD_DIALOGS = {"train": 20000, "val": 400}
+# How often each dialog kind is drawn: copying the user's sentence (ASR) is the skill a frozen LM needs most
+# to repeat a clip the speech adapter turns into embeddings, and the slowest of these to learn.
+DIALOG_KINDS = {"image": 1, "asr": 3, "ast": 1, "dialogue": 1}
 
 # Well-documented, pure-Python modules; their docstrings are English technical prose and examples.
 DOCSTRING_MODULES = (
@@ -105,6 +119,84 @@ def _write_shard(path: Path, docs: list[Document]) -> None:
             sink.write({"__key__": d.key, "txt": d.text, "json": d.meta})
 
 
+def _world_rng(kind: str, split: str) -> random.Random:
+    return random.Random(int(hashlib.sha256(f"demo-world-{kind}-{split}".encode()).hexdigest(), 16))
+
+
+def world_sentence(rng: random.Random) -> str:
+    """One sentence of the demo world: an image caption, a spoken command, or a spoken question and its answer."""
+    from . import demo_speech, demo_vision
+
+    kind = rng.randrange(3)
+    if kind == 0:
+        scene = demo_vision.make_scene(rng.getrandbits(64))
+        qa = rng.choice(demo_vision.questions(scene))
+        return f"{demo_vision.caption(scene).capitalize()}. {qa['question']} {qa['answer'].capitalize()}."
+    if kind == 1:
+        return demo_speech.sentences()[rng.randrange(len(demo_speech.sentences()))].capitalize() + "."
+    question, answer = rng.choice(demo_speech.questions())
+    return f"{question.capitalize()}? {answer.capitalize()}."
+
+
+def world_documents(split: str) -> list[Document]:
+    """Plain-text documents of `WORLD_SENTENCES` world sentences each; each split from its own seed."""
+    rng = _world_rng("text", split)
+    return [Document(_key("world", split, str(i)), " ".join(world_sentence(rng) for _ in range(WORLD_SENTENCES)),
+                     {"source": "demo-world", "domain": "world"})
+            for i in range(WORLD_DOCUMENTS[split])]
+
+
+def world_dialog(rng: random.Random) -> list[dict]:
+    """One dialog in the turns of an adapter stage, text in place of the image or clip.
+
+    Image question: `<|image|>` + question → answer (what the image would tell is not in the text,
+    so the LM learns the answers' form and the end of turn). Speech: the system prompt of ASR or AST
+    and the sentence as the user's text → the transcript or its Pig Latin; spoken dialogue: question → answer.
+    """
+    from . import demo_speech, demo_vision
+    from .speech import system_prompt
+
+    kind = rng.choices(list(DIALOG_KINDS), weights=list(DIALOG_KINDS.values()))[0]
+    if kind == "image":
+        qa = rng.choice(demo_vision.questions(demo_vision.make_scene(rng.getrandbits(64))))
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa["question"]}]},
+                {"role": "assistant", "content": qa["answer"]}]
+    if kind == "dialogue":
+        question, answer = rng.choice(demo_speech.questions())
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    sentence = rng.choice(demo_speech.sentences())
+    if kind == "asr":
+        prompt, target = system_prompt("asr", demo_speech.LANGUAGE), sentence
+    else:
+        prompt, target = system_prompt("ast", demo_speech.TRANSLATION_LANGUAGE), demo_speech.pig_latin(sentence)
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": sentence},
+            {"role": "assistant", "content": target}]
+
+
+def world_dialogs(split: str) -> list[dict]:
+    """Shard samples (`__key__`, `json` = {"messages": ...}) of `WORLD_DIALOGS[split]` dialogs."""
+    rng = _world_rng("chat", split)
+    return [{"__key__": f"chat-{split}-{i:06d}", "json": {"messages": world_dialog(rng), "source": "demo-world"}}
+            for i in range(WORLD_DIALOGS[split])]
+
+
+def _write_world(folder: Path) -> tuple[list[Path], dict[str, int]]:
+    files = []
+    for split in ("train", "val"):
+        docs, dialogs = world_documents(split), world_dialogs(split)
+        n = WORLD_TRAIN_SHARDS if split == "train" else 1
+        for i in range(n):
+            files.append(folder / f"world-{split}-{i:06d}.tar")
+            _write_shard(files[-1], docs[i::n])
+            files.append(folder / f"chat-{split}-{i:06d}.tar")
+            with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+                for sample in dialogs[i::n]:
+                    sink.write(sample)
+    counts = {f"world_{k}_documents": v for k, v in WORLD_DOCUMENTS.items()}
+    counts.update({f"chat_{k}_dialogs": v for k, v in WORLD_DIALOGS.items()})
+    return files, counts
+
+
 TEXT_README = """\
 ## text/
 
@@ -121,6 +213,16 @@ Each sample is one document:
 
 The text ships with Python itself: the language reference topics (`pydoc_data.topics`) and
 docstrings of standard-library modules.
+
+The demo world's own text, generated from the image and speech data's grammar:
+
+- `text/world-train-{{000000..{world_last:06d}}}.tar`, `text/world-val-000000.tar`: {world_train} and {world_val}
+  documents of {sentences} sentences (captions with a question and its answer, spoken commands, spoken
+  questions and answers), same schema as above.
+- `text/chat-train-{{000000..{world_last:06d}}}.tar`, `text/chat-val-000000.tar`: {chat_train} and {chat_val}
+  dialogs for a source with `format: chat`: `<key>.json` is `{{"messages": [...], "source": "demo-world"}}`, in
+  the turns of the adapter stages (an `<|image|>` question and its one-word answer; the speech system
+  prompts with the sentence as text and its transcript or Pig Latin; a spoken question and its answer).
 """
 
 
@@ -139,10 +241,15 @@ def write_text(out: Path) -> DemoPart:
         _write_shard(files[-1], train[i::TEXT_TRAIN_SHARDS])
     files.append(folder / "val-000000.tar")
     _write_shard(files[-1], val)
-    files.append(train_tokenizer((d.text for d in train), TOKENIZER_RANKS, out / "tokenizer.model"))
-    counts = {"train_documents": len(train), "val_documents": len(val), "train_shards": TEXT_TRAIN_SHARDS}
+    world_files, world_counts = _write_world(folder)
+    files += world_files
+    world_text = [d.text for d in world_documents("train")]
+    files.append(train_tokenizer([*(d.text for d in train), *world_text], TOKENIZER_RANKS, out / "tokenizer.model"))
+    counts = {"train_documents": len(train), "val_documents": len(val), "train_shards": TEXT_TRAIN_SHARDS, **world_counts}
     readme = TEXT_README.format(
-        last=TEXT_TRAIN_SHARDS - 1, train=len(train), shards=TEXT_TRAIN_SHARDS, val=len(val), ranks=TOKENIZER_RANKS
+        last=TEXT_TRAIN_SHARDS - 1, train=len(train), shards=TEXT_TRAIN_SHARDS, val=len(val), ranks=TOKENIZER_RANKS,
+        world_last=WORLD_TRAIN_SHARDS - 1, world_train=WORLD_DOCUMENTS["train"], world_val=WORLD_DOCUMENTS["val"],
+        sentences=WORLD_SENTENCES, chat_train=WORLD_DIALOGS["train"], chat_val=WORLD_DIALOGS["val"],
     )
     return DemoPart("text", counts, readme, files)
 

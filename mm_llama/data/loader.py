@@ -24,12 +24,13 @@ from dataclasses import dataclass, fields
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..text import ChatFormat
 from .accounting import Counters, summarize
 from .config import DataConfig
 from .mixing import Mixture, mixed_documents, start_position
 from .packing import Packer, rows_to_batch
 from .shards import DataError, read_shard, source_shards
-from .text_stream import SkipSample, SourceStream, sample_text
+from .text_stream import SkipSample, SourceStream, sample_document
 
 STATE_FORMAT = "mm_llama.data.TextLoader/1"
 
@@ -61,6 +62,31 @@ class _Plan:
     workers: int  # logical workers per rank: max(1, num_workers)
 
 
+class DocumentEncoder:
+    """A document → ids: a text within begin/end of text; a chat dialog in the chat format (all of it trained on)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chat = tokenizer, ChatFormat(tokenizer)
+
+    def __call__(self, document: str | list) -> list[int]:
+        """Raises SkipSample for a dialog the chat format rejects."""
+        if isinstance(document, str):
+            return self.tokenizer.encode(document, bos=True, eos=True)
+        try:
+            return self.chat.encode_dialog(document).tokens
+        except ValueError as e:
+            raise SkipSample(f"not a chat dialog: {e}") from None
+
+
+def _encoded(documents, encode: DocumentEncoder, counters: Counters, where) -> Iterator[tuple[list[int], object]]:
+    """`(ids, position)` of every document that encodes; the others are counted as skipped samples."""
+    for document, position in documents:
+        try:
+            yield encode(document), position
+        except SkipSample as e:
+            counters.skip("sample", f"{where(position)}: {e}")
+
+
 def consumer_batches(plan: _Plan, worker: int, state: dict) -> Iterator[tuple]:
     """Endless `(tokens, labels, doc_ids, state after this batch)` of one logical worker of one rank."""
     counters = Counters.from_dict(state.get("stats"))
@@ -72,8 +98,8 @@ def consumer_batches(plan: _Plan, worker: int, state: dict) -> Iterator[tuple]:
     mixture = Mixture([s.weight for s in plan.cfg.sources], plan.seed, consumer)
     packed = state.get("packer")
     position = packed["doc"] if packed else start_position(streams)
-    encode = plan.tokenizer.encode
-    docs = ((encode(text, bos=True, eos=True), pos) for text, pos in mixed_documents(streams, mixture, position))
+    docs = _encoded(mixed_documents(streams, mixture, position), DocumentEncoder(plan.tokenizer), counters,
+                    lambda pos: f"document {pos['n']} of the mix")
     packer = Packer(docs, plan.seq_len, offset=packed["offset"] if packed else None)
     counted = 0
     while True:
@@ -199,17 +225,16 @@ def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, batch_size: int, m
     Only full rows are kept; the last batch may have fewer rows.
     """
     counters = Counters()
+    encode = DocumentEncoder(tokenizer)
 
     def documents():
         for source in cfg.heldout:
             for url in source_shards(source, cfg.root):
                 for sample in read_shard(url, counters.skip):
                     try:
-                        text = sample_text(sample, source.text_key)
+                        yield encode(sample_document(sample, source)), None
                     except SkipSample as e:
                         counters.skip("sample", f"{url} sample '{sample.get('__key__')}': {e}")
-                        continue
-                    yield tokenizer.encode(text, bos=True, eos=True), None
 
     rows: list[tuple[list[int], list[int]]] = []
     try:

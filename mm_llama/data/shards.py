@@ -10,6 +10,12 @@ Text shard schema (WebDataset tar files; members of one sample share the basenam
 Keys hold no dots (WebDataset splits the member name at the first dot). With `text_key: json.text`
 the document is the `text` field of the `json` member instead (dotted paths reach nested fields).
 
+A source with `format: chat` holds dialogs instead: each sample's `<key>.json` is
+`{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...], ...}` (messages as
+`mm_llama.text.ChatFormat` takes them); the loader encodes it with `ChatFormat.encode_dialog`, so the
+header and end-of-turn tokens are in the stream and trained on like any text. A dialog the chat format
+rejects is a skipped sample.
+
 A source's `shards` is a path, a glob (`train-*.tar`), a brace pattern (`train-{000000..000031}.tar`),
 a `pipe:` command whose stdout is a tar stream (`pipe:aws s3 cp s3://bucket/x.tar -`), a URL that
 WebDataset's `gopen` opens, a list of these, or several joined by `::`. Relative paths are resolved

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from webdataset.filters import shuffle as buffer_shuffle
 
+from ..text.chat_format import ROLES
 from .accounting import Counters
 from .config import SourceConfig
 from .shards import DataError, read_shard
@@ -68,6 +69,27 @@ def sample_text(sample: dict, text_key: str) -> str:
     return value
 
 
+def sample_messages(sample: dict) -> list:
+    """The dialog of a `chat`-format sample: the `messages` list of its `json` member (checked when encoded)."""
+    try:
+        record = json.loads(sample_text(sample, "json"))
+    except json.JSONDecodeError as e:
+        raise SkipSample(f"'json' is not valid JSON ({e.msg})") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise SkipSample("'json' has no non-empty 'messages' list")
+    # the role is checked here too, so that a source of nothing but bad dialogs ends as a barren source
+    bad = [i for i, m in enumerate(messages) if not isinstance(m, dict) or m.get("role") not in ROLES]
+    if bad:
+        raise SkipSample(f"'json' messages[{bad[0]}] is not a message with a role ({', '.join(ROLES)})")
+    return messages
+
+
+def sample_document(sample: dict, source: SourceConfig) -> str | list:
+    """A sample's document as its source's `format` says: the text, or the chat messages."""
+    return sample_messages(sample) if source.format == "chat" else sample_text(sample, source.text_key)
+
+
 @dataclass
 class SourceStream:
     """The documents one consumer reads from one source."""
@@ -113,8 +135,9 @@ class SourceStream:
         for kind, message in problems:
             self._skip(kind, message)
 
-    def documents(self, cursor: Cursor) -> Iterator[tuple[str, Cursor]]:
-        """Endless `(text, cursor at this document)`; starts at `cursor`."""
+    def documents(self, cursor: Cursor) -> Iterator[tuple[str | list, Cursor]]:
+        """Endless `(document, cursor at this document)`; starts at `cursor`. A document is a text, or a
+        `chat` source's message list."""
         epoch, pos, start = cursor
         barren: set[int] = set()  # shards visited without a usable document since the last one
         while True:
@@ -127,7 +150,7 @@ class SourceStream:
                     if index < start or (strided and index % self.n_consumers != self.consumer):
                         continue
                     try:
-                        text = sample_text(sample, self.source.text_key)
+                        text = sample_document(sample, self.source)
                     except SkipSample as e:
                         self._skip("sample", f"{self.urls[shard]} sample '{sample.get('__key__')}': {e}")
                         continue
