@@ -6,8 +6,8 @@ One process, same thread count, same config, weights and batch on both sides:
 - **transformers**: `LlamaForCausalLM(input_ids, labels=...)`, backward, clipping, `torch.optim.AdamW` defaults.
 Steps are timed interleaved (ours, theirs, ours, …); tokens/s is batch × seq / median step time.
 
-MFU = model FLOPs/s ÷ this machine's fp32 matrix-multiply peak, measured in the same run (a square matmul of
-`--peak-size`). Model FLOPs are counted honestly: 2 per multiply-add of every non-embedding matrix and the output
+MFU = model FLOPs/s ÷ this machine's fp32 matrix-multiply peak, measured in the same run (the fastest of
+square matmuls and the model's own GEMM shapes). Model FLOPs are counted honestly: 2 per multiply-add of every non-embedding matrix and the output
 projection per token, plus attention scores and values (2·2·T·d per token per layer, halved for the causal mask),
 forward ×3 for forward + backward.
 
@@ -46,11 +46,17 @@ def model_flops_per_token(args, seq: int) -> float:
     return 3 * (2 * matmul_params + attention)
 
 
-def matmul_peak(size: int, repeats: int) -> float:
-    """fp32 GFLOP/s of a square matmul: the machine's practical peak at this thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    timings = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats=repeats, warmup=2)["mm"]
-    return 2 * size**3 / timings.wall_median / 1e9
+def matmul_peak(shapes: list[tuple[int, int, int]], repeats: int) -> tuple[float, tuple[int, int, int]]:
+    """The best fp32 GFLOP/s over matmuls of shapes (m, k, n): this machine's practical peak at this thread count.
+
+    Square matmuls alone under-state it (one 2048² square ran slower than the model's own GEMMs), so the
+    model's GEMM shapes are among the candidates and the fastest counts."""
+    best = (0.0, shapes[0])
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        timings = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats=repeats, warmup=2)["mm"]
+        best = max(best, (2 * m * k * n / min(timings.wall) / 1e9, (m, k, n)))
+    return best
 
 
 def build(config: Path, seed: int, compile_ours: bool):
@@ -125,7 +131,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--peak-size", type=int, default=2048)
     p.add_argument("--compile", action="store_true", help="compile our blocks (compile time excluded)")
     p.add_argument("--data", type=Path, help="a `mm-llama data demo` folder (default: written to a temp dir)")
     p.add_argument("--markdown", type=Path, help="also write the result table here")
@@ -139,7 +144,11 @@ def main() -> None:
     if abs(first_ours - first_theirs) > 1e-4:
         raise SystemExit(f"losses differ before timing: ours {first_ours:.6f} vs transformers {first_theirs:.6f}")
     doc_step, _ = make_steps(ours, theirs, batches[0], document_mask=True)
-    peak = matmul_peak(a.peak_size, a.repeats)
+    tokens_per_batch = a.batch * a.seq
+    peak, peak_shape = matmul_peak([(1024, 1024, 1024), (2048, 2048, 2048), (3072, 3072, 3072),
+                                    (tokens_per_batch, args.dim, args.hidden_dim),
+                                    (tokens_per_batch, args.hidden_dim, args.dim),
+                                    (tokens_per_batch, args.dim, args.vocab_size)], a.repeats)
     timings = time_interleaved({"ours": our_step, "transformers": their_step, "ours, document mask": doc_step},
                                repeats=a.repeats, warmup=1)
     tokens = a.batch * a.seq
@@ -163,7 +172,8 @@ def main() -> None:
         table,
         "",
         f"- ours / transformers tokens/s: **{ratio:.2f}×** (CPU-time ratio {cpu_ratio:.2f}×); target ≥ 1.2×",
-        f"- fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s ({a.peak_size}² matmul); "
+        f"- fp32 matmul peak measured in this run: {peak:.1f} GFLOP/s (best of square and model-shaped GEMMs: "
+        f"{'×'.join(map(str, peak_shape))}); "
         f"our MFU {ours_tps * flops / 1e9 / peak:.0%}; target ≥ 65%",
         f"- data pipeline alone: {pipeline_tps:,.0f} tokens/s = **{pipeline_tps / ours_tps:.0f}×** the trainer's "
         "tokens/s; target ≥ 20×",
