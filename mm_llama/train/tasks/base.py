@@ -11,6 +11,7 @@ Contract, so that gradient accumulation equals one large batch and resume is exa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -58,6 +59,23 @@ class Task(ABC):
         from ...config import validate
 
         return validate(schema, self.cfg.train.options, f"stage '{self.cfg.name}': train.options")
+
+    @cached_property
+    def tokenizer(self):
+        """The stage's tokenizer (`data.root/data.tokenizer`), read once."""
+        from ...text import load_tokenizer
+
+        return load_tokenizer(self.cfg.data.tokenizer_path)
+
+    def check_data(self) -> None:
+        """Every data path exists and the model's vocabulary holds every token the tokenizer can produce."""
+        from ...config import ConfigError
+        from ...data import check_sources
+
+        check_sources(self.cfg.data)
+        if self.tokenizer.n_words > self.cfg.model.lm.vocab_size:
+            raise ConfigError(f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size}) is smaller than the tokenizer's "
+                              f"{self.tokenizer.n_words} tokens ({self.cfg.data.tokenizer_path})")
 
     def check(self) -> None:
         """Fail before any work on inputs that cannot be used (missing data, mismatched vocabularies)."""

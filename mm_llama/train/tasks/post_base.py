@@ -4,9 +4,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...config import ConfigError
-from ...data import check_sources
 from ...data.dialog import STRENGTHS
-from ...text import ChatFormat, load_tokenizer
+from ...text import ChatFormat
 from .base import Task
 
 
@@ -58,15 +57,11 @@ class PostTask(Task):
     @property
     def chat(self) -> ChatFormat:
         if self._chat is None:
-            self._chat = ChatFormat(load_tokenizer(self.cfg.data.tokenizer_path))
+            self._chat = ChatFormat(self.tokenizer)
         return self._chat
 
     def check(self) -> None:
-        check_sources(self.cfg.data)
-        n = self.chat.tokenizer.n_words
-        if n > self.cfg.model.lm.vocab_size:
-            raise ConfigError(f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size}) is smaller than the tokenizer's "
-                              f"{n} tokens ({self.cfg.data.tokenizer_path})")
+        self.check_data()
 
     def start_state(self) -> dict | None:
         """The starting weights: `init.from`, or its average with `average_with`; None: random init."""

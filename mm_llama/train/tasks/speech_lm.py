@@ -27,11 +27,9 @@ from torch import nn
 
 from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, read_safetensors
 from ...config import ConfigError, ModelConfig, load_config
-from ...data import check_sources
 from ...data.speech_loader import SpeechLoader, collate, heldout_speech
 from ...model import KVCache, Transformer
 from ...model.speech_lm import SpeechLM
-from ...text import load_tokenizer
 from ..losses import IGNORE, lm_loss_sum
 from .base import Task, register
 from .bestrq import speech_config
@@ -138,20 +136,10 @@ class SpeechLMTask(Task):
         super().__init__(cfg)
         self.opts = self.options(SpeechLMOptions)
         self.speech = speech_config(cfg)
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.cfg.data.tokenizer_path)
-        return self._tokenizer
 
     def check(self) -> None:
-        check_sources(self.cfg.data)
+        self.check_data()
         tok, vocab = self.tokenizer, self.cfg.model.lm.vocab_size
-        if tok.n_words > vocab:
-            raise ConfigError(f"model.lm.vocab_size ({vocab}) is smaller than the tokenizer's {tok.n_words} tokens "
-                              f"({self.cfg.data.tokenizer_path})")
         ids = self.speech.token_ids_for(vocab)
         mine = (tok.speech_start_id, tok.speech_id, tok.speech_end_id)
         if tuple(ids) != mine:

@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 from ...config import ConfigError
-from ...data import TextLoader, check_sources, heldout_batches
+from ...data import TextLoader, heldout_batches
 from ...model import Transformer, init_weights
-from ...text import load_tokenizer
 from ..losses import IGNORE, lm_loss_sum
 from .base import Task, register
 
@@ -29,21 +28,8 @@ def load_init(model: nn.Module, source_path: str) -> None:
 
 @register("lm")
 class TextLM(Task):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.cfg.data.tokenizer_path)
-        return self._tokenizer
-
     def check(self) -> None:
-        check_sources(self.cfg.data)
-        if self.tokenizer.n_words > self.cfg.model.lm.vocab_size:
-            raise ConfigError(f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size}) is smaller than the tokenizer's "
-                              f"{self.tokenizer.n_words} tokens ({self.cfg.data.tokenizer_path})")
+        self.check_data()
 
     def build_model(self) -> nn.Module:
         model = Transformer(self.cfg.model.lm)

@@ -32,12 +32,11 @@ from torch import nn
 
 from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, is_run_dir, read_safetensors, run_dir_model
 from ...config import ConfigError, ModelConfig, load_config
-from ...data import check_sources
 from ...data.demo_vision import ANSWERS
 from ...data.image_text import ImageLoader, Tiled, collate_images, heldout_examples, sample_caption, sample_metadata
 from ...data.text_stream import SkipSample
 from ...model.multimodal import MultimodalModel
-from ...text import ChatFormat, load_tokenizer
+from ...text import ChatFormat
 from ..losses import IGNORE, lm_loss_sum
 from .base import Task, register
 from .text_lm import load_init
@@ -218,19 +217,9 @@ class VisionLM(Task):
         if cfg.model.vision is None:
             raise ConfigError(f"stage '{cfg.name}': the vision_lm objective needs a model with a vision: section")
         self.encoder = cfg.model.vision.encoder
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.cfg.data.tokenizer_path)
-        return self._tokenizer
 
     def check(self) -> None:
-        check_sources(self.cfg.data)
-        if self.tokenizer.n_words > self.cfg.model.lm.vocab_size:
-            raise ConfigError(f"model.lm.vocab_size ({self.cfg.model.lm.vocab_size}) is smaller than the tokenizer's "
-                              f"{self.tokenizer.n_words} tokens ({self.cfg.data.tokenizer_path})")
+        self.check_data()
         image_id = self.cfg.model.vision.image_token_for(self.cfg.model.lm.vocab_size)
         if image_id != self.tokenizer.image_id:
             raise ConfigError(f"model.vision.image_token_id is {image_id} but the tokenizer's <|image|> is "
