@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
+# The demo is one training process at a time: give it every core.
 demo: $(STAMP)
-	$(PY) -m mm_llama.demo runs/demo
+	OMP_NUM_THREADS=$$(nproc) $(PY) -m mm_llama.demo runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2
