@@ -46,6 +46,23 @@ class PackReport:
         self.problems.append(message)
 
 
+def jsonl_records(path: Path, text: str, required: str) -> list[dict]:
+    """Objects of a JSONL listing (blank lines skipped), each with a string field `required` and its line as `_line`;
+    a bad line is an error naming the file and the line."""
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get(required), str):
+            raise ValueError(f"{path}:{i}: expected an object with a string field '{required}'")
+        records.append(record | {"_line": i})
+    return records
+
+
 def input_files(inputs: list[str | Path]) -> list[Path]:
     """The files to pack, in a fixed order; FileNotFoundError / ValueError naming a bad input."""
     files = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
+from .pack import jsonl_records
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 _MEMBER = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -65,17 +65,7 @@ def read_captions(path: str | Path) -> list[dict]:
             records.append(record)
         return records
     if path.suffix.lower() == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise ValueError(f"{path}:{i}: expected an object with a string field 'image'")
-            records.append(record | {"_line": i})
-        return records
+        return jsonl_records(path, text, "image")
     raise ValueError(f"{path}: expected a .tsv or .jsonl caption file")
 
 

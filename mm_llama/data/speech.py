@@ -38,6 +38,7 @@ import webdataset as wds
 
 from encoders.speech.args import FrontEndArgs
 from encoders.speech.features import AudioError, audio_info, decode_audio, min_samples, resample
+from .pack import jsonl_records
 
 log = logging.getLogger("mm_llama.data")
 
@@ -238,18 +239,7 @@ def read_transcripts(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: unknown columns {sorted(unknown)}; expected some of {', '.join(RECORD_FIELDS)}")
         return [{k: v for k, v in row.items() if v not in (None, "")} | {"_line": i} for i, row in enumerate(rows, 2)]
     if path.suffix.lower() == ".jsonl":
-        records = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("audio"), str):
-                raise ValueError(f"{path}:{i}: expected an object with a string field 'audio'")
-            records.append(record | {"_line": i})
-        return records
+        return jsonl_records(path, text, "audio")
     raise ValueError(f"{path}: expected a .tsv or .jsonl transcript file")
 
 
