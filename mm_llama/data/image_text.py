@@ -47,8 +47,8 @@ from encoders.vision.transform import stack_images, tile_image
 from .accounting import Counters
 from .config import DataConfig
 from .mixing import Mixture, mixed_documents, start_position
-from .shards import DataError, read_shard, source_shards
-from .text_stream import Cursor, SkipSample, SourceStream, derive_seed
+from .shards import read_shard, source_shards
+from .text_stream import SkipSample, SourceStream, derive_seed
 
 log = logging.getLogger("mm_llama.data")
 
@@ -209,37 +209,13 @@ class ImageSourceStream(SourceStream):
     make_example: MakeExample
     image_counters: ImageCounters
 
-    def documents(self, cursor: Cursor) -> Iterator[tuple[Example, Cursor]]:
-        epoch, pos, start = cursor
-        barren: set[int] = set()
-        while True:
-            shards, strided = self.assignment(epoch)
-            while pos < len(shards):
-                shard = shards[pos]
-                found = considered = False
-                self._problem = ""
-                for index, sample in enumerate(self._samples(epoch, shard)):
-                    if index < start or (strided and index % self.n_consumers != self.consumer):
-                        continue
-                    considered = True
-                    try:
-                        image = self.decoder(sample, self.image_counters)
-                        if image is None:
-                            raise SkipSample("unusable image (counted by reason)")
-                        example = self.make_example(sample, image, derive_seed(self.seed, sample.get("__key__"), epoch))
-                    except SkipSample as e:
-                        self._skip("sample", f"{self.urls[shard]} sample '{sample.get('__key__')}': {e}")
-                        continue
-                    found = True
-                    barren.clear()
-                    yield example, [epoch, pos, index]
-                if considered and not found:  # a shard resumed past its end is not barren
-                    barren.add(shard)
-                    if len(barren) == len(self.urls):
-                        raise DataError(f"data source '{self.source.name}': none of its {len(self.urls)} shards gives a "
-                                        f"usable image sample; last problem: {self._problem or 'no samples'}")
-                pos, start = pos + 1, 0
-            epoch, pos = epoch + 1, 0
+    kind = "image sample"
+
+    def example(self, sample: dict, shard: int, epoch: int) -> Example:
+        image = self.decoder(sample, self.image_counters)
+        if image is None:
+            raise SkipSample("unusable image (counted by reason)")
+        return self.make_example(sample, image, derive_seed(self.seed, sample.get("__key__"), epoch))
 
 
 @dataclass

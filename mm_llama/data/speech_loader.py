@@ -30,7 +30,7 @@ from .config import DataConfig
 from .mixing import Mixture, mixed_documents, start_position
 from .shards import DataError, read_shard, source_shards
 from .speech import AudioCounters, SpeechSample, decode_speech_sample
-from .text_stream import Cursor, SkipSample, SourceStream, derive_seed
+from .text_stream import SkipSample, SourceStream, derive_seed
 
 STATE_FORMAT = "mm_llama.data.SpeechLoader/1"
 IGNORE = -100
@@ -105,39 +105,15 @@ class SpeechSourceStream(SourceStream):
     decode = None
     make = None
 
-    def documents(self, cursor: Cursor) -> Iterator[tuple[Utterance, Cursor]]:
-        epoch, pos, start = cursor
-        barren: set[int] = set()
-        while True:
-            shards, strided = self.assignment(epoch)
-            while pos < len(shards):
-                shard = shards[pos]
-                found = considered = False
-                self._problem = ""
-                for index, sample in enumerate(self._samples(epoch, shard)):
-                    if index < start or (strided and index % self.n_consumers != self.consumer):
-                        continue
-                    considered = True
-                    generator = torch.Generator().manual_seed(derive_seed(self.seed, sample.get("__key__"), shard, epoch))
-                    try:
-                        decoded = self.decode(sample, generator)
-                        if decoded is None:
-                            self._problem = f"{self.urls[shard]} sample '{sample.get('__key__')}': unusable audio"
-                            continue  # counted by reason in the audio counters
-                        utterance = self.make(decoded, generator)
-                    except SkipSample as e:
-                        self._skip("sample", f"{self.urls[shard]} sample '{sample.get('__key__')}': {e}")
-                        continue
-                    found = True
-                    barren.clear()
-                    yield utterance, [epoch, pos, index]
-                if considered and not found:  # a shard resumed past its end is not barren
-                    barren.add(shard)
-                    if len(barren) == len(self.urls):
-                        raise DataError(f"data source '{self.source.name}': none of its {len(self.urls)} shards gives a "
-                                        f"usable speech sample; last problem: {self._problem or 'no samples'}")
-                pos, start = pos + 1, 0
-            epoch, pos = epoch + 1, 0
+    kind = "speech sample"
+
+    def example(self, sample: dict, shard: int, epoch: int) -> Utterance | None:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, sample.get("__key__"), shard, epoch))
+        decoded = self.decode(sample, generator)
+        if decoded is None:  # counted by reason in the audio counters
+            self._problem = f"{self.urls[shard]} sample '{sample.get('__key__')}': unusable audio"
+            return None
+        return self.make(decoded, generator)
 
 
 def crop_frames(feats: torch.Tensor, max_frames: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -135,35 +135,44 @@ class SourceStream:
         for kind, message in problems:
             self._skip(kind, message)
 
-    def documents(self, cursor: Cursor) -> Iterator[tuple[str | list, Cursor]]:
-        """Endless `(document, cursor at this document)`; starts at `cursor`. A document is a text, or a
-        `chat` source's message list."""
+    kind = "document"  # what one usable sample is called in errors
+
+    def example(self, sample: dict, shard: int, epoch: int):
+        """The item one sample gives (a text, or a `chat` source's message list). Raise SkipSample to skip and
+        count it; return None to skip a sample that is already counted elsewhere (e.g. by reason)."""
+        return sample_document(sample, self.source)
+
+    def documents(self, cursor: Cursor) -> Iterator[tuple[object, Cursor]]:
+        """Endless `(item, cursor at this item)`; starts at `cursor`. Subclasses change `example` only."""
         epoch, pos, start = cursor
-        barren: set[int] = set()  # shards visited without a usable document since the last one
+        barren: set[int] = set()  # shards visited without a usable item since the last one
         while True:
             shards, strided = self.assignment(epoch)
             while pos < len(shards):
                 shard = shards[pos]
-                found = False
+                found = considered = False
                 self._problem = ""
                 for index, sample in enumerate(self._samples(epoch, shard)):
                     if index < start or (strided and index % self.n_consumers != self.consumer):
                         continue
+                    considered = True
                     try:
-                        text = sample_document(sample, self.source)
+                        item = self.example(sample, shard, epoch)
                     except SkipSample as e:
                         self._skip("sample", f"{self.urls[shard]} sample '{sample.get('__key__')}': {e}")
                         continue
+                    if item is None:
+                        continue
                     found = True
                     barren.clear()
-                    yield text, [epoch, pos, index]
-                if not found:
+                    yield item, [epoch, pos, index]
+                if not found and (considered or start == 0):  # a shard resumed past its end is not barren
                     barren.add(shard)
                     if len(barren) == len(self.urls):
                         problem = self._problem or f"{self.urls[shard]}: no samples for this consumer"
                         raise DataError(
                             f"data source '{self.source.name}': none of its {len(self.urls)} shards gives a usable "
-                            f"document (consumer {self.consumer} of {self.n_consumers}); last problem: {problem}"
+                            f"{self.kind} (consumer {self.consumer} of {self.n_consumers}); last problem: {problem}"
                         )
                 pos, start = pos + 1, 0
             epoch, pos = epoch + 1, 0
