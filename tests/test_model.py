@@ -144,3 +144,15 @@ def test_impossible_shapes_are_rejected(update, message):
     base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97)
     with pytest.raises(ValueError, match=message):
         LlamaArgs(**{**base, **update})
+
+
+def test_real_valued_rotary_used_under_compile_equals_the_complex_form():
+    from mm_llama.model.rope import apply_rotary, apply_rotary_real, rotary_tables
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, generator=g)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 0, 1, 2, 9]])
+    cos, sin = rotary_tables(positions, 1.0 / (500000.0 ** (torch.arange(0, 8, 2).float() / 8)))
+    want = apply_rotary(x, cos, sin)
+    assert torch.allclose(apply_rotary_real(x, cos, sin), want, atol=1e-6)
+    assert apply_rotary_real(x.bfloat16(), cos, sin).dtype == torch.bfloat16

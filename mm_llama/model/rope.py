@@ -43,7 +43,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate `x` `[batch, seq, heads, head_dim]` pairwise; computed in fp32 as Meta does.
 
     Each pair is one complex number multiplied by `cos + i·sin`, exactly Meta's formulation; one
-    complex multiply is several times faster forward and backward than the real-valued split.
+    complex multiply is several times faster forward and backward than the real-valued split in eager
+    mode. Under `torch.compile` the real-valued form is used instead: Inductor generates no code for
+    complex operators, while it fuses the real form into one kernel.
     """
+    if torch.compiler.is_compiling():
+        return apply_rotary_real(x, cos, sin)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2).type_as(x)
+
+
+def apply_rotary_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` spelled with real arithmetic: (a + ib)(c + is) = (ac − bs) + i(as + bc)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.float(), sin.float()
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
