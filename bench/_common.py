@@ -81,7 +81,11 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with `+dirty` when the working tree has uncommitted changes."""
+    """Short hash of HEAD, with `+dirty` when the working tree has uncommitted changes.
+
+    `MM_LLAMA_COMMIT` overrides it, for copies of the tree without their git history (a lent GPU machine)."""
+    if os.environ.get("MM_LLAMA_COMMIT"):
+        return os.environ["MM_LLAMA_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
