@@ -52,6 +52,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     image.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     image.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
 
+    video = kinds.add_parser("video", help="folders of frames or video files (+ TSV/JSONL captions and questions) "
+                                           "-> video shards")
+    video.add_argument("--videos", required=True, help="folder holding one sub-folder of frame images per video, or video "
+                                                       "files (these need the optional PyAV: pip install av)")
+    video.add_argument("--out", required=True, help="output folder")
+    video.add_argument("--captions", help="TSV (video, caption[, question, answer, type]) or JSONL (video, caption, qa); "
+                                          "default: a <name>.txt beside each video")
+    video.add_argument("--max-frames", type=int, default=64, help="frames stored per video, sampled uniformly (default: 64)")
+    video.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+    video.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+
     help_text = "filter and deduplicate text shards"
     module = _curate_module()
     if module is not None:
@@ -99,6 +110,22 @@ def run(args) -> int:
         print(f"{report.images} images in {len(report.shards)} shards under {args.out} ({report.renamed} stored under "
               f"their real format's extension); skipped: {skipped}")
         return 0 if report.images else 1
+    if args.data_command == "pack" and args.modality == "video":
+        from ..data.pack import parse_size
+        from ..data.pack_video import MissingExtra, pack_video
+
+        try:
+            report = pack_video(args.videos, args.out, args.captions, max_frames=args.max_frames,
+                                shard_size=parse_size(args.shard_size), prefix=args.prefix)
+        except MissingExtra as e:  # a video file without PyAV
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for problem in report.problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+        print(f"{report.videos} videos, {report.frames} frames in {len(report.shards)} shards under {args.out}; "
+              f"skipped: {skipped}")
+        return 0 if report.videos else 1
     if args.data_command == "pack":
         from ..data.pack import pack_text, parse_size
 

@@ -258,8 +258,10 @@ from .demo_vision import write_image  # noqa: E402 (it needs DemoPart, defined a
 
 from .demo_dialog import write_dialog  # noqa: E402
 from .demo_speech import write_speech  # noqa: E402
+from .demo_video import write_video  # noqa: E402
 
-MODALITIES: dict[str, Callable[[Path], DemoPart]] = {"text": write_text, "image": write_image, "dialog": write_dialog, "speech": write_speech}
+MODALITIES: dict[str, Callable[[Path], DemoPart]] = {"text": write_text, "image": write_image, "video": write_video,
+                                                     "dialog": write_dialog, "speech": write_speech}
 
 
 def write_demo(out: str | Path, modalities: list[str] | None = None) -> list[DemoPart]:

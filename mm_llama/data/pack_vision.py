@@ -41,8 +41,9 @@ class ImagePackReport:
         self.problems.append(message)
 
 
-def read_captions(path: str | Path) -> list[dict]:
-    """Records `{"image", "caption"?, "qa"?, "_line"}` of a caption file (module docstring)."""
+def read_captions(path: str | Path, item: str = "image") -> list[dict]:
+    """Records `{item, "caption"?, "qa"?, "_line"}` of a caption file (module docstring); `item` names the media
+    column or field (`image`, or `video` for `pack video`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such caption file")
@@ -51,13 +52,13 @@ def read_captions(path: str | Path) -> list[dict]:
     if path.suffix.lower() == ".tsv":
         rows = list(csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
         columns = set(rows[0]) if rows else set()
-        if rows and "image" not in columns:
-            raise ValueError(f"{path}: the header row must name an 'image' column, got {sorted(columns)}")
-        unknown = columns - {"image", "caption", "question", "answer", "type"}
+        if rows and item not in columns:
+            raise ValueError(f"{path}: the header row must name an '{item}' column, got {sorted(columns)}")
+        unknown = columns - {item, "caption", "question", "answer", "type"}
         if unknown:
-            raise ValueError(f"{path}: unknown columns {sorted(unknown)}; expected image, caption, question, answer, type")
+            raise ValueError(f"{path}: unknown columns {sorted(unknown)}; expected {item}, caption, question, answer, type")
         for i, row in enumerate(rows, 2):
-            record = {"image": row["image"], "_line": i}
+            record = {item: row[item], "_line": i}
             if row.get("caption"):
                 record["caption"] = row["caption"]
             if row.get("question") and row.get("answer"):
@@ -65,7 +66,7 @@ def read_captions(path: str | Path) -> list[dict]:
             records.append(record)
         return records
     if path.suffix.lower() == ".jsonl":
-        return jsonl_records(path, text, "image")
+        return jsonl_records(path, text, item)
     raise ValueError(f"{path}: expected a .tsv or .jsonl caption file")
 
 

@@ -14,7 +14,7 @@ def build_meta(config: ModelConfig) -> nn.Module:
         if config.vision is not None:
             from .multimodal import MultimodalModel
 
-            return MultimodalModel(config.lm, config.vision)
+            return MultimodalModel(config.lm, config.vision, config.video)
         return Transformer(config.lm)
 
 

@@ -12,9 +12,10 @@ from ..config.stage import StageConfig
 # metric in a stage's summary -> (name in eval.json, the summary metric that is its baseline)
 ALIASES = [
     (re.compile(r"val_acc_(\w+)"), r"image_qa_accuracy_\1", r"val_majority_\1"),
+    (re.compile(r"val_video_acc_(\w+)"), r"video_qa_accuracy_\1", r"val_video_majority_\1"),
     (re.compile(r"val_retrieval_(i2t|t2i)"), r"retrieval_\1", "val_retrieval_chance"),
 ]
-SKIP = re.compile(r"val_(majority|chance)_\w+|val_retrieval_chance|steps")
+SKIP = re.compile(r"val_(video_)?(majority|chance)_\w+|val_retrieval_chance|steps")
 
 
 def objective(run_dir: Path) -> str:

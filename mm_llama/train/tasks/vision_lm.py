@@ -101,12 +101,18 @@ def load_encoder(model: MultimodalModel, source: str | Path) -> None:
     model.vision.load_state_dict(state, strict=False)
 
 
-def load_composed(model: MultimodalModel, folder: Path) -> None:
-    """Every weight of a saved composed model, positional tables resized to this model's tile grid."""
+def load_composed(model: MultimodalModel, folder: Path, fresh: tuple[str, ...] = (),
+                  state: dict[str, torch.Tensor] | None = None) -> None:
+    """Every weight of a saved composed model, positional tables resized to this model's tile grid.
+
+    Keys under a prefix in `fresh` may be absent from the file (parts this stage adds, e.g. the video adapter's);
+    they keep their initialisation. `state`: the file's tensors, already read (and adjusted) by the caller.
+    """
     path = folder / MODEL_SAFETENSORS
-    state = resize_positions(read_safetensors(path), "vision.", model.vision.args.grid)
+    state = resize_positions(read_safetensors(path) if state is None else state, "vision.", model.vision.args.grid)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    missing = [k for k in missing if not k.startswith(fresh)] if fresh else missing
     wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])
     # With tied embeddings the output matrix is stored once, under tok_embeddings.
     missing = [k for k in missing if not (k == "lm.output.weight" and model.args.tie_embeddings)]
@@ -128,9 +134,9 @@ class VisionLMOptions(BaseModel):
 
 @dataclass
 class ChatExample:
-    """One image and one chat turn. `tokens`/`loss_mask` cover the whole dialog (ChatFormat)."""
+    """One image (or video clip) and one chat turn. `tokens`/`loss_mask` cover the whole dialog (ChatFormat)."""
 
-    image: Tiled
+    media: Tiled
     tokens: list[int]
     loss_mask: list[bool]
     kind: str  # question type ("colour", ...; "caption")
@@ -147,6 +153,10 @@ class ChatBatch:
     aspect_ratios: torch.Tensor
     kinds: list[str]
     answers: list[str]
+
+    def media_inputs(self, device) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for this batch's media."""
+        return {"images": self.images.to(device), "aspect_ratios": self.aspect_ratios.to(device)}
 
 
 def sample_questions(sample: dict, targets: list[str]) -> list[tuple[str, str, str]]:
@@ -168,14 +178,18 @@ def sample_questions(sample: dict, targets: list[str]) -> list[tuple[str, str, s
 
 
 class ChatExamples:
-    """A shard sample → one `ChatExample` (drawn by `seed`), or all of them (`every=True`, for evaluation)."""
+    """A shard sample → one `ChatExample` (drawn by `seed`), or all of them (`every=True`, for evaluation).
 
-    def __init__(self, tokenizer, targets: list[str], max_len: int, every: bool = False):
+    `media` is the chat part the sample's image or clip becomes: `image` (`<|image|>`) or `video` (`<|video|>`).
+    """
+
+    def __init__(self, tokenizer, targets: list[str], max_len: int, every: bool = False, media: str = "image"):
         self.chat, self.targets, self.max_len, self.every = ChatFormat(tokenizer), list(targets), max_len, every
+        self.media = media
 
     def _example(self, image: Tiled, kind: str, question: str, answer: str) -> ChatExample:
         dialog = self.chat.encode_dialog([
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "user", "content": [{"type": self.media}, {"type": "text", "text": question}]},
             {"role": "assistant", "content": answer},
         ])
         if len(dialog) > self.max_len + 1:
@@ -203,7 +217,7 @@ class CollateChat:
             ids = torch.tensor(e.tokens)
             tokens[i, : len(ids) - 1] = ids[:-1]
             labels[i, : len(ids) - 1] = torch.where(torch.tensor(e.loss_mask[1:]), ids[1:], IGNORE)
-        images, ratios = collate_images([e.image for e in examples], self.max_tiles)
+        images, ratios = collate_images([e.media for e in examples], self.max_tiles)
         return ChatBatch(tokens, labels, images, ratios, [e.kind for e in examples], [e.answer for e in examples])
 
 
@@ -259,7 +273,7 @@ class VisionLM(Task):
         return int((batch.labels != IGNORE).sum())
 
     def loss(self, model, batch: ChatBatch, device) -> torch.Tensor:
-        logits = model(batch.tokens.to(device), images=batch.images.to(device), aspect_ratios=batch.aspect_ratios.to(device))
+        logits = model(batch.tokens.to(device), **batch.media_inputs(device))
         return lm_loss_sum(logits, batch.labels.to(device))
 
     def batch_tokens(self, batch: ChatBatch) -> int:
@@ -281,8 +295,10 @@ class VisionLM(Task):
         return answer_accuracy(model, batches, device, autocast)
 
 
-def answer_accuracy(model: MultimodalModel, batches: list[ChatBatch], device, autocast) -> dict[str, float]:
-    """`val_loss` per answer token, and per question type `val_acc_<type>`, `val_chance_<type>`, `val_majority_<type>`."""
+def answer_accuracy(model: MultimodalModel, batches: list[ChatBatch], device, autocast, prefix: str = "val",
+                    choices: dict[str, tuple[str, ...]] = ANSWERS) -> dict[str, float]:
+    """`val_loss` per answer token, and per question type `<prefix>_acc_<type>`, `<prefix>_chance_<type>` (one over
+    `choices[type]`, else over the answers seen) and `<prefix>_majority_<type>`. Batches give `media_inputs(device)`."""
     was_training = model.training
     model.eval()
     right: Counter = Counter()
@@ -293,7 +309,7 @@ def answer_accuracy(model: MultimodalModel, batches: list[ChatBatch], device, au
         for b in batches:
             labels = b.labels.to(device)
             with autocast():
-                logits = model(b.tokens.to(device), images=b.images.to(device), aspect_ratios=b.aspect_ratios.to(device))
+                logits = model(b.tokens.to(device), **b.media_inputs(device))
             total += float(lm_loss_sum(logits, labels))
             units += int((labels != IGNORE).sum())
             hit = ((logits.argmax(-1) == labels) | (labels == IGNORE)).all(dim=1)
@@ -304,8 +320,8 @@ def answer_accuracy(model: MultimodalModel, batches: list[ChatBatch], device, au
     model.train(was_training)
     out = {"val_loss": total / max(units, 1)}
     for kind in sorted(asked):
-        out[f"val_acc_{kind}"] = right[kind] / asked[kind]
-        n_answers = len(ANSWERS[kind]) if kind in ANSWERS else len(answers[kind])
-        out[f"val_chance_{kind}"] = 1 / n_answers
-        out[f"val_majority_{kind}"] = answers[kind].most_common(1)[0][1] / asked[kind]
+        out[f"{prefix}_acc_{kind}"] = right[kind] / asked[kind]
+        n_answers = len(choices[kind]) if kind in choices else len(answers[kind])
+        out[f"{prefix}_chance_{kind}"] = 1 / n_answers
+        out[f"{prefix}_majority_{kind}"] = answers[kind].most_common(1)[0][1] / asked[kind]
     return out

@@ -1,0 +1,170 @@
+"""The video stages (SPEC §4.2 "Video pre-training", "Video SFT"): the video adapter of the composed model.
+
+The model is `MultimodalModel(model.lm, model.vision, model.video)`. `init.from` is an image stage (its
+every weight; the aggregator and the video cross-attention start fresh, gates at zero, so the model starts
+as the image model exactly) or an earlier video stage (every weight; the aggregator's time embedding is
+resized linearly when `model.video.max_frames` changed, e.g. 16 frames in pre-training → 64 in SFT). The
+stage configs train only `video_aggregator.*` and `video_cross_attention.*`, as the paper does.
+
+Each example is one clip and one chat turn, `<|video|>` + question → answer, loss on the answer only;
+up to `max_frames` frames sampled uniformly (`mm_llama.data.video`). Evaluation is `vision_lm`'s greedy
+answer match per question type, reported as `val_video_acc_<type>` beside the blind baselines
+`val_video_chance_<type>` and `val_video_majority_<type>`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from adapters.video import resize_time_embedding
+
+from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, read_safetensors
+from ...config import ConfigError, ModelConfig, load_config
+from ...data.demo_video import ANSWERS
+from ...data.video import Clip, VideoLoader, collate_videos, heldout_video_examples
+from ...model.multimodal import MultimodalModel
+from ..losses import IGNORE, lm_loss_sum
+from .base import Task, register
+from .text_lm import load_init
+from .vision_lm import ChatExample, ChatExamples, answer_accuracy, load_composed, load_encoder, model_folder
+
+VIDEO_PARTS = ("video_aggregator.", "video_cross_attention.")
+TIME_EMBEDDING = "video_aggregator.time_embedding"
+
+
+class VideoLMOptions(BaseModel):
+    """`train.options` of the `video_lm` objective."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder_from: str | None = Field(None, description="a CLIP stage's run dir (or model folder): the encoder's start")
+    targets: list[Literal["qa", "caption"]] = Field(default_factory=lambda: ["qa"], min_length=1,
+                                                    description="what an example asks: a qa pair and/or the caption")
+
+
+@dataclass
+class VideoBatch:
+    """tokens, labels `[batch, seq]`; videos `[batch, 1, frames, tiles, 3, S, S]`, aspect ratios `[batch, 1, frames, 2]`,
+    frame_mask `[batch, 1, frames]` (frames padded to a multiple of `frames_per_group`)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    videos: torch.Tensor
+    aspect_ratios: torch.Tensor
+    frame_mask: torch.Tensor
+    kinds: list[str]
+    answers: list[str]
+
+    def media_inputs(self, device) -> dict[str, torch.Tensor]:
+        return {"videos": self.videos.to(device), "video_aspect_ratios": self.aspect_ratios.to(device),
+                "frame_mask": self.frame_mask.to(device)}
+
+
+class CollateVideoChat:
+    """Right-pads the dialogs of a batch to its longest; labels are the next token where the loss mask is set."""
+
+    def __init__(self, pad_id: int, max_tiles: int, frames_per_group: int):
+        self.pad_id, self.max_tiles, self.frames_per_group = pad_id, max_tiles, frames_per_group
+
+    def __call__(self, examples: list[ChatExample]) -> VideoBatch:
+        length = max(len(e.tokens) for e in examples) - 1
+        tokens = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids = torch.tensor(e.tokens)
+            tokens[i, : len(ids) - 1] = ids[:-1]
+            labels[i, : len(ids) - 1] = torch.where(torch.tensor(e.loss_mask[1:]), ids[1:], IGNORE)
+        clips: list[Clip] = [e.media for e in examples]
+        videos, ratios, mask = collate_videos(clips, self.max_tiles, self.frames_per_group)
+        return VideoBatch(tokens, labels, videos, ratios, mask, [e.kind for e in examples], [e.answer for e in examples])
+
+
+def load_video_start(model: MultimodalModel, folder: Path) -> None:
+    """`init.from` a composed model: an image model (video parts stay fresh) or a video model (time table resized)."""
+    state = read_safetensors(folder / MODEL_SAFETENSORS)
+    if TIME_EMBEDDING in state:
+        state[TIME_EMBEDDING] = resize_time_embedding(state[TIME_EMBEDDING], model.video_config.max_frames)
+    load_composed(model, folder, fresh=VIDEO_PARTS, state=state)
+
+
+@register("video_lm")
+class VideoLM(Task):
+    """Trains the video adapter (aggregator + video cross-attention) of `MultimodalModel` on video–text turns."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.opts = self.options(VideoLMOptions)
+        if cfg.model.video is None:
+            raise ConfigError(f"stage '{cfg.name}': the video_lm objective needs a model with vision: and video: sections")
+        self.encoder, self.video = cfg.model.vision.encoder, cfg.model.video
+
+    def check(self) -> None:
+        self.check_data()
+        video_id = self.video.video_token_for(self.cfg.model.lm.vocab_size)
+        if video_id != self.tokenizer.video_id:
+            raise ConfigError(f"model.video.video_token_id is {video_id} but the tokenizer's <|video|> is "
+                              f"{self.tokenizer.video_id} ({self.cfg.data.tokenizer_path})")
+        for path, what in ((self.cfg.init.from_, "init.from"), (self.opts.encoder_from, "train.options.encoder_from")):
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(f"{what}: {path} is not a run directory or model folder")
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.run.seed)
+        model = MultimodalModel(self.cfg.model.lm, self.cfg.model.vision, self.video)
+        if self.cfg.init.from_ is not None:
+            folder = model_folder(self.cfg.init.from_)
+            source = load_config(ModelConfig, folder / MODEL_YAML)
+            if source.vision is not None:
+                load_video_start(model, folder)
+            else:
+                load_init(model.lm, str(folder))
+                with torch.no_grad():  # the image token's own row starts as the loaded LM's
+                    model.image_embedding.weight[0].copy_(model.lm.tok_embeddings.weight[model.image_token_id])
+        if self.opts.encoder_from is not None:
+            load_encoder(model, self.opts.encoder_from)
+        return model
+
+    def blocks(self, model: MultimodalModel) -> list[nn.Module]:
+        return list(model.lm.layers)
+
+    def _examples(self, seq_len: int, every: bool = False) -> ChatExamples:
+        return ChatExamples(self.tokenizer, self.opts.targets, seq_len, every=every, media="video")
+
+    def _collate(self) -> CollateVideoChat:
+        return CollateVideoChat(self.tokenizer.pad_id, self.encoder.max_num_tiles, self.video.frames_per_group)
+
+    def loader(self, seq_len, batch_size, rank, world_size):
+        return VideoLoader(self.cfg.data, self._examples(seq_len), self._collate(), batch_size=batch_size,
+                           seed=self.cfg.run.seed, tile_size=self.encoder.tile_size, max_tiles=self.encoder.max_num_tiles,
+                           max_frames=self.video.max_frames, rank=rank, world_size=world_size)
+
+    def count(self, batch: VideoBatch) -> int:
+        return int((batch.labels != IGNORE).sum())
+
+    def loss(self, model, batch: VideoBatch, device) -> torch.Tensor:
+        logits = model(batch.tokens.to(device), **batch.media_inputs(device))
+        return lm_loss_sum(logits, batch.labels.to(device))
+
+    def batch_tokens(self, batch: VideoBatch) -> int:
+        return batch.tokens.numel()
+
+    def heldout(self, seq_len, batch_size) -> list:
+        """Every question of the held-out clips, up to `train.eval_batches` batches."""
+        if not self.cfg.data.heldout or not self.cfg.train.eval_batches:
+            return []
+        limit = batch_size * self.cfg.train.eval_batches
+        examples, _ = heldout_video_examples(self.cfg.data, self._examples(seq_len, every=True),
+                                             tile_size=self.encoder.tile_size, max_tiles=self.encoder.max_num_tiles,
+                                             max_frames=self.video.max_frames, seed=self.cfg.run.seed, limit=limit)
+        flat = [e for group in examples for e in group][:limit]
+        collate = self._collate()
+        return [collate(flat[i : i + batch_size]) for i in range(0, len(flat), batch_size)]
+
+    def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
+        return answer_accuracy(model, batches, device, autocast, prefix="val_video", choices=ANSWERS)
