@@ -9,14 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoders.speech.args import ConformerArgs
 from encoders.vision.args import VisionEncoderArgs
 from mm_llama.checkpoint import save_native
 from mm_llama.config import ModelConfig
+from mm_llama.config.speech import SpeechAdapterArgs, SpeechConfig
 from mm_llama.config.vision import VisionConfig
 from mm_llama.infer import save_multimodal
 from mm_llama.model import Transformer
 from mm_llama.model.args import LlamaArgs
 from mm_llama.model.multimodal import MultimodalModel
+from mm_llama.model.speech_lm import SpeechLM
 from mm_llama.text import train_tokenizer
 
 N_RANKS = 384
@@ -39,6 +42,11 @@ def vision_config() -> VisionConfig:
     return VisionConfig(encoder=encoder, n_cross_attention_layers=2)
 
 
+def speech_config() -> SpeechConfig:
+    encoder = ConformerArgs(dim=32, n_layers=1, n_heads=2, ffn_dim=64, dropout=0.0)
+    return SpeechConfig(encoder=encoder, adapter=SpeechAdapterArgs(dim=32, n_heads=2, ffn_dim=64))
+
+
 def make_tokenizer(folder: Path) -> Path:
     return train_tokenizer(TEXTS, N_RANKS, folder / "tokenizer.model")
 
@@ -59,6 +67,11 @@ def vision_model(seed: int = 0) -> MultimodalModel:
     return model.eval()
 
 
+def speech_model(seed: int = 0) -> SpeechLM:
+    torch.manual_seed(seed)
+    return SpeechLM(lm_args(), speech_config()).eval()
+
+
 def text_checkpoint(folder: Path, tokenizer: Path, max_seq_len: int = 256) -> Path:
     save_native(text_model(max_seq_len=max_seq_len), ModelConfig(name="tiny-text", lm=lm_args(max_seq_len)), folder)
     shutil.copy(tokenizer, folder / "tokenizer.model")
@@ -69,6 +82,32 @@ def vision_checkpoint(folder: Path, tokenizer: Path) -> Path:
     save_multimodal(vision_model(), ModelConfig(name="tiny-vision", lm=lm_args(), vision=vision_config()), folder)
     shutil.copy(tokenizer, folder / "tokenizer.model")
     return folder
+
+
+def speech_checkpoint(folder: Path, tokenizer: Path) -> Path:
+    """Written as a training stage writes its composed model (`final/` of the speech adapter stage)."""
+    from mm_llama.checkpoint.native import atomic_folder
+    from mm_llama.train.checkpointing import write_model
+
+    with atomic_folder(folder) as tmp:
+        write_model(speech_model(), ModelConfig(name="tiny-speech", lm=lm_args(), speech=speech_config()), tmp)
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    return folder
+
+
+def tone(seconds: float, rate: int = 8000, freq: float = 440.0) -> np.ndarray:
+    """A sine wave with a little noise `[samples]` (float32)."""
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(0).normal(0, 0.05, t.shape)
+    return (0.5 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+def audio_bytes(samples: np.ndarray, rate: int = 8000, format: str = "WAV") -> bytes:
+    import soundfile
+
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate, format=format)
+    return out.getvalue()
 
 
 def picture(height: int = 30, width: int = 50, seed: int = 0) -> Image.Image:

@@ -14,7 +14,15 @@ from mm_llama.cli import main
 from mm_llama.infer import Generator, Prompt, SamplingConfig, load_model
 from mm_llama.infer.chat import ChatSession
 from mm_llama.text import ChatFormat, load_tokenizer
-from serve_helpers import make_tokenizer, picture, text_checkpoint, vision_checkpoint
+from serve_helpers import (
+    audio_bytes,
+    make_tokenizer,
+    picture,
+    speech_checkpoint,
+    text_checkpoint,
+    tone,
+    vision_checkpoint,
+)
 
 GREEDY = SamplingConfig(max_new_tokens=6, temperature=0.0)
 
@@ -24,21 +32,22 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     tok = make_tokenizer(root)
     picture(30, 50).save(root / "pic.png")
+    (root / "clip.flac").write_bytes(audio_bytes(tone(0.6, 22050), 22050, "FLAC"))
     return {"text": text_checkpoint(root / "text", tok), "vision": vision_checkpoint(root / "vision", tok),
-            "root": root}
+            "speech": speech_checkpoint(root / "speech", tok), "root": root}
 
 
-def expected_reply(ckpt: Path, messages: list[dict], images=()) -> str:
+def expected_reply(ckpt: Path, messages: list[dict], images=(), audio=()) -> str:
     """What greedy generation gives for this dialog, computed without the CLI."""
     model, _ = load_model(ckpt)
     tok = load_tokenizer(ckpt / "tokenizer.model")
     tokens = ChatFormat(tok).encode_dialog(messages, add_generation_prompt=True).tokens
-    return Generator(model, tok).generate([Prompt(tokens, list(images))], GREEDY)[0].text
+    return Generator(model, tok).generate([Prompt(tokens, list(images), audio=list(audio))], GREEDY)[0].text
 
 
-def chat(monkeypatch, capsys, ckpt: Path, lines: list[str]) -> str:
+def chat(monkeypatch, capsys, ckpt: Path, lines: list[str], *options: str) -> str:
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    assert main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    assert main(["chat", str(ckpt), "--temperature", "0", "--max-new-tokens", "6", *options]) == 0
     return capsys.readouterr().out
 
 
@@ -68,6 +77,33 @@ def test_image_is_attached_to_the_next_message(monkeypatch, capsys, ckpts):
     from PIL import Image
     assert replies(out) == [expected_reply(ckpt, messages, [Image.open(pic).convert("RGB")])]
     assert replies(out) != [expected_reply(ckpt, [{"role": "user", "content": "What is this?"}])]
+
+
+def test_audio_is_spliced_into_the_speech_stage_layout(monkeypatch, capsys, ckpts, tmp_path):
+    """`/audio` then an empty line: the speech adapter stage's ASR dialog, with the clip's frames."""
+    import soundfile
+    import torch
+    from encoders.speech.features import resample
+
+    ckpt, clip = ckpts["speech"], ckpts["root"] / "clip.flac"
+    saved = tmp_path / "dialog.json"
+    out = chat(monkeypatch, capsys, ckpt, [f"/audio {clip}", "", f"/save {saved}"], "--speech-task", "asr",
+               "--language", "English")
+    samples, rate = soundfile.read(clip, dtype="float32")
+    wave = resample(torch.from_numpy(samples), rate, 16000)
+    model, _ = load_model(ckpt)
+    frames = model.config.adapter_frames(wave.shape[0])
+    assert frames == model.config.adapter_frames(samples.shape[0], rate) > 0
+    messages = [{"role": "system", "content": "Repeat after me in English:"},
+                {"role": "user", "content": [{"type": "audio", "frames": frames}]}]
+    reply = expected_reply(ckpt, messages, audio=[wave])
+    assert replies(out) == [reply] and reply  # a reply, exactly what the clip gives outside the CLI
+    silent = expected_reply(ckpt, messages, audio=[torch.zeros_like(wave)])
+    assert reply != silent  # the clip's content reaches the model
+    user = json.loads(saved.read_text())["messages"][1]
+    assert user == {"role": "user", "content": [{"type": "audio", "frames": frames, "path": str(clip)}]}
+    out = chat(monkeypatch, capsys, ckpt, [f"/audio {tmp_path}/missing.wav", "/audio " + __file__, "Hi"])
+    assert "missing.wav: no such audio file" in out and "not decodable audio" in out and len(replies(out)) == 1
 
 
 def test_unsupported_media_and_bad_commands_are_errors_not_crashes(monkeypatch, capsys, ckpts, tmp_path):

@@ -29,6 +29,7 @@ from mm_llama.infer import (
     save_multimodal,
 )
 from mm_llama.infer.decoder import Decoder, padded_attention_mask
+from mm_llama.model.masks import AttentionMask
 from mm_llama.infer.media import decode_audio, decode_image
 from mm_llama.text import load_tokenizer
 from serve_helpers import (
@@ -357,3 +358,44 @@ def test_text_checkpoint_and_tokenizer_discovery(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="no tokenizer found.*pass --tokenizer"):
         find_tokenizer(folder)
     assert find_tokenizer(folder, tokenizer_file).n_words == tok.n_words
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_the_blocks(dtype):
+    """`Decoder.step` (fewer ops) computes what the model's blocks compute, for the prompt and the next token,
+    padded batch included."""
+    model = text_model().to(dtype)
+    decoder = Decoder(model)
+    lengths, width, extra = [5, 3], 5, 2
+    pad = torch.tensor([width - n for n in lengths])
+    valid = torch.arange(width + extra)[None, :] >= pad[:, None]
+    tokens = torch.randint(0, 300, (2, width), generator=torch.Generator().manual_seed(3))
+    positions = (torch.arange(width)[None, :] - pad[:, None]).clamp(min=0)
+    with torch.inference_mode():
+        logits = {}
+        for how in ("blocks", "step"):
+            caches = decoder.caches(2, width + extra)
+            step = decoder.step if how == "step" else decoder
+            prompt = step(decoder.embed(tokens), positions, padded_attention_mask(valid, 0, width), caches, 0)
+            nxt = torch.tensor([[7], [9]])
+            mask = padded_attention_mask(valid, width, 1)
+            logits[how] = torch.cat([prompt, step(decoder.embed(nxt), torch.tensor(lengths)[:, None], mask, caches,
+                                                  width)])
+            causal = step(decoder.embed(tokens[:1]), torch.arange(width)[None], AttentionMask(),
+                          decoder.caches(1, width), 0)  # no padding: SDPA's causal path
+            logits[how] = torch.cat([logits[how], causal])
+    assert logits["step"].shape == (5, model.args.vocab_size)
+    # fp32: equal up to rounding (the fused rms_norm rounds once where the training norm rounds twice)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits["step"], logits["blocks"], rtol=tol, atol=tol)
+
+
+@pytest.mark.slow  # compiling the decode step takes minutes on a busy 2-core machine
+def test_compiled_decode_step_gives_the_same_tokens():
+    """`Generator(compile=True)`: fixed-shape steps over a rounded cache, padded batch, one graph for both calls."""
+    model = text_model()
+    config = SamplingConfig(max_new_tokens=10)
+    compiled = Generator(model, compile=True)
+    for prompts in ([Prompt([1, 2, 3, 4, 5]), Prompt([7, 8, 9])], [Prompt([4, 5, 6, 7]), Prompt([9])]):
+        expected = [c.tokens for c in Generator(model).generate(prompts, config)]
+        assert [c.tokens for c in compiled.generate(prompts, config)] == expected

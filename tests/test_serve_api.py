@@ -12,12 +12,22 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+import torch
 
 from mm_llama.cli import build_parser
 from mm_llama.infer import Generator, MediaLimits, Prompt, SamplingConfig, find_tokenizer, load_model
 from mm_llama.serve import BackgroundServer, ServerLimits, create_app
 from mm_llama.text import ChatFormat
-from serve_helpers import make_tokenizer, picture, png_bytes, text_checkpoint, vision_checkpoint
+from serve_helpers import (
+    audio_bytes,
+    make_tokenizer,
+    picture,
+    png_bytes,
+    speech_checkpoint,
+    text_checkpoint,
+    tone,
+    vision_checkpoint,
+)
 
 LIMITS = ServerLimits(max_body_bytes=256 * 1024, max_new_tokens=64,
                       media=MediaLimits(max_image_pixels=100 * 100, max_images=2, max_audio_seconds=1.0))
@@ -25,7 +35,7 @@ LIMITS = ServerLimits(max_body_bytes=256 * 1024, max_new_tokens=64,
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Two servers on 127.0.0.1 and free ports: a vision model and a text-only model."""
+    """Three servers on 127.0.0.1 and free ports: a vision model, a text-only model and a speech model."""
     root = tmp_path_factory.mktemp("serve")
     tok = make_tokenizer(root)
     (root / "allowed").mkdir()
@@ -33,8 +43,9 @@ def served(tmp_path_factory):
     picture(30, 50).save(root / "outside.png")
     out = {"root": root}
     with BackgroundServer(app_for(vision_checkpoint(root / "vision", tok), root / "allowed")) as vision_url, \
-            BackgroundServer(app_for(text_checkpoint(root / "text", tok))) as text_url:
-        out.update(vision=vision_url, text=text_url)
+            BackgroundServer(app_for(text_checkpoint(root / "text", tok))) as text_url, \
+            BackgroundServer(app_for(speech_checkpoint(root / "speech", tok))) as speech_url:
+        out.update(vision=vision_url, text=text_url, speech=speech_url)
         yield out
 
 
@@ -101,6 +112,34 @@ def test_openai_client_streams_a_reply_to_an_image(served):
     assert other.choices[0].message.content != whole.choices[0].message.content
 
 
+def test_openai_client_streams_a_reply_to_speech(served):
+    """An `input_audio` part (FLAC at 8 kHz): the streamed reply is the greedy reply to the clip's frames."""
+    c = client(served["speech"])
+    flac = audio_bytes(tone(0.6), 8000, "FLAC")
+    messages = [{"role": "system", "content": "Repeat after me in English:"},
+                {"role": "user", "content": [{"type": "input_audio",
+                                              "input_audio": {"data": b64(flac), "format": "flac"}}]}]
+    chunks = list(c.chat.completions.create(model="tiny-speech", messages=messages, stream=True, max_tokens=10,
+                                            temperature=0))
+    pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
+    assert len(pieces) >= 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    from encoders.speech.features import decode_audio, resample
+    from mm_llama.infer.speech import audio_part
+
+    ckpt = served["root"] / "speech"
+    model, _ = load_model(ckpt)
+    gen = Generator(model, find_tokenizer(ckpt))
+    samples, rate = decode_audio(flac)
+    wave = resample(samples, rate, 16000)
+    dialog = [messages[0], {"role": "user", "content": [audio_part(wave, model.config)]}]
+    tokens = ChatFormat(gen.tokenizer).encode_dialog(dialog, add_generation_prompt=True).tokens
+    expected = gen.generate([Prompt(tokens, audio=[wave])], SamplingConfig(max_new_tokens=10))[0].text
+    assert "".join(pieces) == expected
+    silent = gen.generate([Prompt(tokens, audio=[torch.zeros_like(wave)])], SamplingConfig(max_new_tokens=10))[0].text
+    assert silent != expected  # the audio reached the model
+
+
 def test_reply_equals_direct_generation_with_stop_string(served):
     c = client(served["text"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
@@ -155,9 +194,14 @@ def wav(seconds: float) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
-def audio_message(seconds: float) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": wav(seconds), "format": "wav"}},
+def audio_message(seconds: float, data: str | None = None, fmt: str = "wav") -> list[dict]:
+    audio = {"data": wav(seconds) if data is None else data, "format": fmt}
+    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": audio},
                                          {"type": "text", "text": "What was said?"}]}]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 BAD = {
@@ -179,6 +223,16 @@ BAD = {
     "image_to_text_model": ("text", {"messages": image_message()}, 400, "unsupported_input", "no vision encoder"),
     "audio_not_supported": ("vision", {"messages": audio_message(0.5)}, 400, "unsupported_input", "no speech encoder"),
     "audio_too_long": ("vision", {"messages": audio_message(1.5)}, 400, "max_audio_seconds", "max_audio_seconds=1.0"),
+    "speech_audio_too_long": ("speech", {"messages": audio_message(1.5)}, 400, "max_audio_seconds",
+                              "max_audio_seconds=1.0"),
+    "speech_corrupt_audio": ("speech", {"messages": audio_message(0, b64(b"RIFF\x00\x00garbage" * 20))}, 400,
+                             "invalid_audio", "not decodable audio"),
+    "speech_truncated_flac": ("speech", {"messages": audio_message(0, b64(audio_bytes(tone(0.5), 8000, "FLAC")[:60]),
+                                                                   "flac")}, 400, "invalid_audio", "input_audio"),
+    "speech_audio_too_short": ("speech", {"messages": audio_message(0.01)}, 400, "invalid_audio", "too short"),
+    "speech_audio_not_base64": ("speech", {"messages": audio_message(0, "%%%not base64")}, 400, "invalid_base64",
+                                "not valid base64"),
+    "image_to_speech_model": ("speech", {"messages": image_message()}, 400, "unsupported_input", "no vision encoder"),
     "remote_url": ("vision", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}, 400, "invalid_image_url",
         "never fetches remote URLs"),

@@ -1,4 +1,4 @@
-"""`from_pretrained`: load any supported checkpoint, whatever its layout."""
+"""`from_pretrained`: load any supported checkpoint, whatever its layout, text-only or composed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,9 +43,16 @@ def load_checkpoint(path: str | Path, device="cpu", dtype=None) -> tuple[Transfo
     return model, ModelConfig(name=path.resolve().name, lm=model.args)
 
 
-def from_pretrained(path: str | Path, device="cpu", dtype=None) -> Transformer:
-    """Load a native checkpoint or run directory, a Meta folder or a Hugging Face folder, in eval mode.
+def from_pretrained(path: str | Path, device="cpu", dtype=None):
+    """Load a model in eval mode: a native checkpoint or run directory, a Meta folder or a Hugging Face folder
+    (a `Transformer`), or a composed model written by our stages — a `MultimodalModel` (image; also a Hugging
+    Face Llama 3.2-Vision folder) or a `SpeechLM` (speech), told apart by the `vision:`/`speech:` section of
+    its `model.yaml`.
 
-    `dtype` casts every tensor (default: as stored); `model(tokens [batch, seq])` → logits `[batch, seq, vocab]`.
+    `dtype` casts every tensor (default: as stored); `model(tokens [batch, seq])` → logits `[batch, seq, vocab]`
+    (composed models take their media as keyword arguments).
     """
-    return load_checkpoint(path, device, dtype)[0].eval()
+    # Composed models are assembled in `infer.loading` (which builds on this module's `load_checkpoint`).
+    from ..infer.loading import load_model
+
+    return load_model(path, device, dtype)[0]

@@ -1,8 +1,10 @@
 """A chat session: the dialog so far in the Llama 3 chat format, with the media attached to it.
 
-Used by `mm-llama chat`. Media attached with `attach_*` go into the next user message; every image of
-the dialog stays attached to its `<|image|>` for later turns. A turn that fails (e.g. the dialog no
-longer fits the context) leaves the history as it was.
+Used by `mm-llama chat`. Media attached with `attach_*` go into the next user message; every image and
+audio clip of the dialog stays attached to its placeholders for later turns. A clip becomes
+`<|speech_start|> <|speech|>×L <|speech_end|>` in the user message, as the speech adapter stage lays it
+out; a user message may hold only attachments (no text), which is exactly the training layout. A turn
+that fails (e.g. the dialog no longer fits the context) leaves the history as it was.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from pathlib import Path
 from ..text import ChatFormat
 from .generate import Completion, Generator, Prompt
 from .loading import Capabilities
-from .media import MediaError, MediaLimits, read_image_file
+from .media import MediaError, MediaLimits, read_audio_file, read_image_file
 from .sampling import SamplingConfig
+from .speech import audio_part, prepare_audio
 
 
 class ChatSession:
@@ -31,8 +34,10 @@ class ChatSession:
         """Forget the dialog and any pending attachments (the system prompt stays)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.images: list = []
+        self.audio: list = []
         self._pending_parts: list[dict] = []
         self._pending_images: list = []
+        self._pending_audio: list = []
 
     @property
     def pending(self) -> list[dict]:
@@ -49,26 +54,37 @@ class ChatSession:
         self._pending_images.append(image)
 
     def attach_audio(self, path: str | Path) -> None:
+        """A WAV/FLAC/OGG/MP3 file, at most `max_audio_seconds` long, for the next user message."""
         self.capabilities.require("audio")
+        config = self.generator.model.config
+        samples, rate = read_audio_file(path, self.limits)
+        wave = prepare_audio(samples, rate, config, str(path))
+        self._pending_parts.append({**audio_part(wave, config), "path": str(path)})
+        self._pending_audio.append(wave)
 
     def attach_video(self, folder: str | Path) -> None:
         self.capabilities.require("video")
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> Completion:
-        """Add a user turn (text + pending attachments), generate the reply, keep both in the history."""
-        user = {"role": "user", "content": [*self._pending_parts, {"type": "text", "text": text}]}
+        """Add a user turn (pending attachments, then `text` unless it is empty), generate the reply, keep
+        both in the history."""
+        if not text and not self._pending_parts:
+            raise ValueError("nothing to send: type a message or attach media first")
+        user = {"role": "user", "content": [*self._pending_parts, *([{"type": "text", "text": text}] if text else [])]}
         messages = [*self.messages, user]
         tokens = self.chat_format.encode_dialog(messages, add_generation_prompt=True).tokens
-        prompt = Prompt(tokens, [*self.images, *self._pending_images])
+        prompt = Prompt(tokens, [*self.images, *self._pending_images], audio=[*self.audio, *self._pending_audio])
         callback = (lambda event: on_text(event.text) if event.text else None) if on_text is not None else None
         done = self.generator.generate([prompt], self.config, callback)[0]
         self.messages = [*messages, {"role": "assistant", "content": done.text}]
         self.images += self._pending_images
-        self._pending_parts, self._pending_images = [], []
+        self.audio += self._pending_audio
+        self._pending_parts, self._pending_images, self._pending_audio = [], [], []
         return done
 
     def save(self, path: str | Path) -> Path:
-        """Write the dialog as JSON: `{"messages": [...]}`, images by the path they were attached from."""
+        """Write the dialog as JSON: `{"messages": [...]}`, media by the path they were attached from (audio
+        parts also with their `frames`)."""
         path = Path(path)
         path.write_text(json.dumps({"messages": self.messages}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path

@@ -4,7 +4,8 @@ Prompts of different lengths are left-padded into one batch: each row keeps its 
 (its first real token is position 0) and a padding-aware mask hides the padding slots, so a row's
 tokens are exactly those it would get alone. The KV cache is allocated once per call for prompt +
 new tokens. Images are tiled and encoded once; their cross-attention keys/values are reused by every
-decoding step. Speech-adapter outputs replace the embeddings of the `<|speech|>` placeholders.
+decoding step. Audio clips are encoded once by the speech model's encoder and adapter, and their frames
+(or precomputed speech-adapter outputs) replace the embeddings of the `<|speech|>` placeholders.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from encoders.vision.transform import stack_images, tile_image
 from ..model import Transformer
 from ..model.masks import AttentionMask
 from ..model.multimodal import MultimodalModel
+from ..model.speech_lm import SpeechLM
 from ..text import Tokenizer
 from ..text.tokenizer import NUM_SPECIAL_TOKENS, PROJECT_SPECIAL_TOKENS, special_token_names
 from .decoder import CrossInputs, Decoder, padded_attention_mask
 from .sampling import SamplingConfig, sample_next
+from .speech import splice_rows
 from .text_stream import TextStream
 
 
@@ -34,12 +37,16 @@ class Prompt:
 
     tokens: the prompt ids (one `<|image|>` per image, `<|speech|>` placeholders per speech frame).
     images: PIL images or uint8 `[3, H, W]` tensors, in the order of their `<|image|>` tokens.
-    speech: `[n_frames, dim]` speech-adapter outputs, one row per `<|speech|>` placeholder, in order.
+    audio: waveforms `[n_samples]` at the speech front end's rate (`speech.prepare_audio`), one per
+        `<|speech_start|> <|speech|>×L <|speech_end|>` span, in order (a `SpeechLM` encodes them).
+    speech: `[n_frames, dim]` speech-adapter outputs, one row per `<|speech|>` placeholder, in order
+        (instead of `audio`, for any model).
     """
 
     tokens: list[int]
     images: list = field(default_factory=list)
     speech: torch.Tensor | None = None
+    audio: list = field(default_factory=list)
 
 
 @dataclass
@@ -66,15 +73,25 @@ class TokenEvent:
     text: str
 
 
+# With a compiled decode step the cache length is rounded up to a multiple of this, so that prompts of
+# nearby lengths share one compiled graph.
+COMPILED_CACHE_MULTIPLE = 64
+
+
 class Generator:
     """Continues prompts with a model; `tokenizer` (optional) gives stop tokens, stop strings and text.
 
     `on_token(event)` may return False to end that row ("cancelled"), e.g. when a client went away.
+    `compile=True` decodes with `torch.compile`d steps of fixed shapes (`Decoder.static_step`; compiled
+    once per batch size and rounded cache length, at the first call that needs it) except while images are
+    attended.
     """
 
-    def __init__(self, model: Transformer | MultimodalModel, tokenizer: Tokenizer | None = None):
+    def __init__(self, model: Transformer | MultimodalModel | SpeechLM, tokenizer: Tokenizer | None = None,
+                 compile: bool = False):
         self.model = model.eval()
         self.decoder = Decoder(model)
+        self.compile = compile
         self.tokenizer = tokenizer
         vocab = self.decoder.args.vocab_size
         if tokenizer is not None and tokenizer.n_words > vocab:
@@ -86,6 +103,9 @@ class Generator:
         banned = {base + names.index(n) for n in ("<|image|>", *PROJECT_SPECIAL_TOKENS)}
         if isinstance(model, MultimodalModel):
             banned.add(model.image_token_id)
+        if isinstance(model, SpeechLM):
+            self.speech_token_id = model.speech_ids.speech
+            banned |= set(model.speech_ids)
         banned |= set(range(tokenizer.n_words if tokenizer is not None else vocab, vocab))
         self.banned = torch.tensor(sorted(t for t in banned if t < vocab), dtype=torch.long, device=self.decoder.device)
         self.stop_tokens = frozenset(tokenizer.stop_tokens) if tokenizer is not None else frozenset()
@@ -116,15 +136,19 @@ class Generator:
         tokens = torch.zeros(b, width, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             tokens[i, width - lengths[i]:] = torch.tensor(p.tokens, dtype=torch.long)
-        valid = torch.arange(width + new_tokens, device=dev)[None, :] >= pad[:, None]  # [batch, cache_len]
+        cache_len = width + new_tokens
+        if self.compile:
+            cache_len = min(-(-cache_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE, self.max_seq_len)
+        valid = torch.arange(cache_len, device=dev)[None, :] >= pad[:, None]  # [batch, cache_len]
         padded = bool(pad.any())
 
-        h = self._inject_speech(self.decoder.embed(tokens), tokens, prompts)
+        h = self._speech_inputs(self.decoder.embed(tokens), tokens, prompts)
         cross, cross_step = self._image_inputs(tokens, prompts)
-        caches = self.decoder.caches(b, width + new_tokens)
+        caches = self.decoder.caches(b, cache_len)
         positions = (torch.arange(width, device=dev)[None, :] - pad[:, None]).clamp(min=0)
         mask = padded_attention_mask(valid, 0, width) if padded else AttentionMask()
-        logits = self.decoder(h, positions, mask, caches, 0, cross)
+        logits = self.decoder.step(h, positions, mask, caches, 0) if cross is None else \
+            self.decoder(h, positions, mask, caches, 0, cross)
 
         stop_tokens = self.stop_tokens if config.stop_tokens is None else config.stop_tokens
         generator = torch.Generator(device=dev).manual_seed(config.seed) if config.seed is not None else None
@@ -151,8 +175,16 @@ class Generator:
             if all(f is not None for f in finish) or step == new_tokens - 1:
                 break
             slot = width + step
+            if self.compile and cross_step is None:
+                logits = self.decoder.compiled_step()(chosen[:, None], next_pos + step, valid, [c.k for c in caches],
+                                                      [c.v for c in caches], torch.tensor([slot], device=dev))
+                continue
             mask = padded_attention_mask(valid, slot, 1) if padded else AttentionMask()
-            logits = self.decoder(self.decoder.embed(chosen[:, None]), next_pos + step, mask, caches, slot, cross_step)
+            h = self.decoder.embed(chosen[:, None])
+            if cross_step is None:
+                logits = self.decoder.step(h, next_pos + step, mask, caches, slot)
+            else:
+                logits = self.decoder(h, next_pos + step, mask, caches, slot, cross_step)
 
         completions = []
         for i, stream in enumerate(streams):
@@ -166,9 +198,20 @@ class Generator:
         return completions
 
     # -- inputs beyond text --------------------------------------------------------------------
-    def _inject_speech(self, h: torch.Tensor, tokens: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """Replace the embeddings at `<|speech|>` positions with each prompt's speech frames."""
+    def _speech_inputs(self, h: torch.Tensor, tokens: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Replace the embeddings at `<|speech|>` positions: audio clips through the speech encoder and
+        adapter (all clips of the batch encoded together), or each prompt's precomputed speech frames."""
+        if any(p.audio for p in prompts):
+            model = self.decoder.speech
+            if model is None:
+                raise ValueError("this model has no speech encoder; it cannot take audio")
+            for i, p in enumerate(prompts):
+                if p.audio and p.speech is not None:
+                    raise ValueError(f"prompt {i}: give audio or precomputed speech frames, not both")
+            h = splice_rows(model, h, tokens, [p.audio for p in prompts])
         for i, p in enumerate(prompts):
+            if p.audio:
+                continue
             where = (tokens[i] == self.speech_token_id).nonzero().squeeze(-1)
             frames = 0 if p.speech is None else p.speech.shape[0]
             if len(where) != frames:
@@ -202,7 +245,7 @@ class Generator:
                 CrossInputs.from_mask(context, vision_mask[:, -1:], dtype))
 
 
-def generate(model: Transformer | MultimodalModel, prompt: list[int], max_new_tokens: int,
+def generate(model: Transformer | MultimodalModel | SpeechLM, prompt: list[int], max_new_tokens: int,
              stop_tokens: set[int] = frozenset(), temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None,
              on_token: Callable[[int], None] | None = None) -> list[int]:

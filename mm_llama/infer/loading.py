@@ -1,10 +1,12 @@
-"""Models and tokenizers for inference: text LMs, composed image–text models, what each can take.
+"""Models and tokenizers for inference: text LMs, composed image–text and speech–text models, what each can take.
 
-The checkpoint package loads text LMs in every layout. A composed model stored natively is a folder
-whose `model.yaml` has a `vision:` section and whose `model.safetensors` holds the composed model's
-state dict as it is (`lm.<Meta key>`, `vision.*`, `cross_attention.<layer>.*`, `image_embedding.weight`;
-a tied LM output matrix is stored once, as `lm.tok_embeddings.weight`). A Hugging Face Llama 3.2-Vision
-folder (`config.json` with `model_type: mllama`) loads through `checkpoint.mllama`.
+The checkpoint package loads text LMs in every layout. A composed model stored natively (by
+`save_multimodal` or by a training stage) is a folder whose `model.yaml` has a `vision:` or a `speech:`
+section and whose `model.safetensors` holds the composed model's state dict as it is: `lm.<Meta key>` plus
+`vision.*`, `cross_attention.<layer>.*`, `image_embedding.weight` (image) or `speech_encoder.*`,
+`speech_adapter.*` (speech); a tensor shared under two names (a tied LM output matrix) is stored once, under
+its first name (`lm.tok_embeddings.weight`). A Hugging Face Llama 3.2-Vision folder (`config.json` with
+`model_type: mllama`) loads through `checkpoint.mllama`.
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ from ..checkpoint.native import (
     run_dir_model,
     write_safetensors,
 )
-from ..checkpoint.pretrained import load_checkpoint
+from ..checkpoint.pretrained import detect_layout, load_checkpoint
 from ..config import ModelConfig, dump_config, load_config
 from ..model import Transformer
 from ..model.multimodal import MultimodalModel
+from ..model.speech_lm import SpeechLM
 from ..text import Tokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -41,7 +44,7 @@ RUN_CONFIG = "config.yaml"
 
 @dataclass(frozen=True)
 class Capabilities:
-    """Which inputs beyond text a model takes. Video and speech join as their encoders are built."""
+    """Which inputs beyond text a model takes (video joins as its encoder is built)."""
 
     image: bool = False
     audio: bool = False
@@ -49,7 +52,7 @@ class Capabilities:
 
     @classmethod
     def of(cls, model) -> "Capabilities":
-        return cls(image=isinstance(model, MultimodalModel))
+        return cls(image=isinstance(model, MultimodalModel), audio=isinstance(model, SpeechLM))
 
     def require(self, kind: str) -> None:
         """Raise `UnsupportedInput` unless this model takes `kind` ("image", "audio" or "video")."""
@@ -62,10 +65,14 @@ class UnsupportedInput(ValueError):
     """The request holds a kind of input (image, audio, video) the loaded model cannot take."""
 
 
-def _composed_keys(model: MultimodalModel) -> dict[str, torch.Tensor]:
-    state = dict(model.state_dict())
-    if model.args.tie_embeddings:
-        del state["lm.output.weight"]
+def _composed_keys(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The composed model's state dict with a tensor shared under two names kept once, under its first."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            state[name] = tensor.detach()
     return state
 
 
@@ -80,14 +87,20 @@ def save_multimodal(model: MultimodalModel, config: ModelConfig, folder: str | P
     return folder
 
 
-def load_multimodal(folder: str | Path, config: ModelConfig, device="cpu", dtype=None) -> MultimodalModel:
-    """A composed model from a native folder whose `model.yaml` (already read into `config`) has `vision:`."""
+def load_composed(folder: str | Path, config: ModelConfig, device="cpu", dtype=None) -> MultimodalModel | SpeechLM:
+    """A composed model from a native folder whose `model.yaml` (already read into `config`) has a `vision:`
+    or a `speech:` section; the stored keys must be exactly the model's (an error names the differences)."""
     weights = Path(folder) / MODEL_SAFETENSORS
+    if config.vision is not None and config.speech is not None:
+        raise CheckpointError(f"{folder / MODEL_YAML}: a model with both vision and speech is not supported yet")
     state = read_safetensors(weights)
-    # The stored weights already hold the backbone: never re-read an open_clip file named in the config.
-    vision = config.vision.model_copy(update={"encoder": config.vision.encoder.model_copy(update={"checkpoint": None})})
     with torch.device("meta"):
-        model = MultimodalModel(config.lm, vision)
+        if config.vision is not None:
+            # The stored weights already hold the backbone: never re-read an open_clip file named in the config.
+            encoder = config.vision.encoder.model_copy(update={"checkpoint": None})
+            model = MultimodalModel(config.lm, config.vision.model_copy(update={"encoder": encoder}))
+        else:
+            model = SpeechLM(config.lm, config.speech)
     check_state_dict({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in _composed_keys(model).items()},
                      str(weights))
     tensors = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
@@ -97,16 +110,24 @@ def load_multimodal(folder: str | Path, config: ModelConfig, device="cpu", dtype
     return model
 
 
-def load_model(path: str | Path, device="cpu", dtype=None) -> tuple[Transformer | MultimodalModel, str]:
-    """Any checkpoint `from_pretrained` takes, plus composed ones; returns (model in eval mode, its name)."""
+def load_multimodal(folder: str | Path, config: ModelConfig, device="cpu", dtype=None) -> MultimodalModel:
+    """A composed image–text model from a native folder whose `model.yaml` (read into `config`) has `vision:`."""
+    if config.vision is None:
+        raise CheckpointError(f"{Path(folder) / MODEL_YAML}: has no vision section")
+    return load_composed(folder, config, device, dtype)
+
+
+def load_model(path: str | Path, device="cpu", dtype=None) -> tuple[Transformer | MultimodalModel | SpeechLM, str]:
+    """Any text checkpoint (native, run directory, Meta, Hugging Face) and composed ones (native image or
+    speech models, Hugging Face mllama); returns (model in eval mode, its name)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        detect_layout(path)  # raises, naming what is there instead
     folder = run_dir_model(path) if is_run_dir(path) and not is_native_checkpoint(path) else path
     if (folder / MODEL_YAML).is_file():
         config = load_config(ModelConfig, folder / MODEL_YAML)
-        if config.vision is not None:
-            return load_multimodal(folder, config, device, dtype).eval(), config.name
+        if config.vision is not None or config.speech is not None:
+            return load_composed(folder, config, device, dtype).eval(), config.name
     elif (folder / CONFIG_JSON).is_file() and _hf_model_type(folder) == "mllama":
         return load_mllama(folder, device, dtype).eval(), path.resolve().name
     model, config = load_checkpoint(path, device, dtype)

@@ -32,6 +32,7 @@ from ..infer.generate import Completion, Generator, Prompt
 from ..infer.loading import Capabilities, UnsupportedInput
 from ..infer.media import MediaError, MediaLimits, decode_audio, decode_image
 from ..infer.sampling import SamplingConfig
+from ..infer.speech import audio_part, prepare_audio
 from ..text import ChatFormat
 from .schema import AudioPart, ChatCompletionRequest, ImagePart, TextPart
 from .worker import GenerationWorker, Job, QueueFull
@@ -242,12 +243,12 @@ class RequestConverter:
         self.max_prompt = min(limits.max_prompt_tokens or context - 1, context - 1)
 
     def convert(self, body: ChatCompletionRequest) -> tuple[Prompt, SamplingConfig]:
-        messages, images = [], []
+        messages, images, audio = [], [], []
         for i, message in enumerate(body.messages):
             role = "system" if message.role == "developer" else message.role
             content = message.content if message.content is not None else ""
             if isinstance(content, list):
-                content = [self._part(part, f"messages[{i}].content[{j}]", images)
+                content = [self._part(part, f"messages[{i}].content[{j}]", images, audio)
                            for j, part in enumerate(content)]
             messages.append({"role": role, "content": content})
         if len(images) > self.limits.media.max_images:
@@ -268,9 +269,9 @@ class RequestConverter:
         new_tokens = min(wanted or self.limits.max_new_tokens, context - len(tokens))
         config = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                                 top_p=body.top_p, top_k=body.top_k, stop=tuple(body.stop), seed=body.seed)
-        return Prompt(tokens, images), config
+        return Prompt(tokens, images, audio=audio), config
 
-    def _part(self, part, where: str, images: list) -> dict:
+    def _part(self, part, where: str, images: list, audio: list) -> dict:
         if isinstance(part, TextPart):
             return {"type": "text", "text": part.text}
         if isinstance(part, ImagePart):
@@ -280,11 +281,14 @@ class RequestConverter:
         assert isinstance(part, AudioPart)
         data = self._base64(part.input_audio.data, f"{where}.input_audio.data")
         try:
-            decode_audio(data, self.limits.media, f"{where}.input_audio")
+            samples, rate = decode_audio(data, self.limits.media, f"{where}.input_audio")
+            self._require("audio", where)
+            config = self.generator.model.config
+            wave = prepare_audio(samples, rate, config, f"{where}.input_audio")
         except MediaError as e:
             raise ApiError(400, str(e), e.limit or "invalid_audio", where) from e
-        self._require("audio", where)
-        raise ApiError(400, f"{where}: audio input is not supported by this server yet", "unsupported_input", where)
+        audio.append(wave)
+        return audio_part(wave, config)
 
     def _require(self, kind: str, where: str) -> None:
         try:
