@@ -35,9 +35,11 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.images: list = []
         self.audio: list = []
+        self.videos: list = []
         self._pending_parts: list[dict] = []
         self._pending_images: list = []
         self._pending_audio: list = []
+        self._pending_videos: list = []
 
     @property
     def pending(self) -> list[dict]:
@@ -63,7 +65,21 @@ class ChatSession:
         self._pending_audio.append(wave)
 
     def attach_video(self, folder: str | Path) -> None:
+        """A folder of frame images (sorted by name), sampled and tiled as the video stage's loader does."""
         self.capabilities.require("video")
+        from ..data.video import frames_from_folder
+
+        model = self.generator.model
+        if not Path(folder).is_dir():
+            raise MediaError(f"{folder}: /video takes a folder of frame images")
+        enc = model.config.encoder
+        try:
+            clip, _ = frames_from_folder(folder, enc.tile_size, enc.max_num_tiles, model.video_config.max_frames,
+                                         self.limits.max_image_pixels)
+        except ValueError as e:
+            raise MediaError(str(e)) from None
+        self._pending_parts.append({"type": "video", "path": str(folder)})
+        self._pending_videos.append(clip)
 
     def send(self, text: str, on_text: Callable[[str], None] | None = None) -> Completion:
         """Add a user turn (pending attachments, then `text` unless it is empty), generate the reply, keep
@@ -73,13 +89,15 @@ class ChatSession:
         user = {"role": "user", "content": [*self._pending_parts, *([{"type": "text", "text": text}] if text else [])]}
         messages = [*self.messages, user]
         tokens = self.chat_format.encode_dialog(messages, add_generation_prompt=True).tokens
-        prompt = Prompt(tokens, [*self.images, *self._pending_images], audio=[*self.audio, *self._pending_audio])
+        prompt = Prompt(tokens, [*self.images, *self._pending_images], audio=[*self.audio, *self._pending_audio],
+                        videos=[*self.videos, *self._pending_videos])
         callback = (lambda event: on_text(event.text) if event.text else None) if on_text is not None else None
         done = self.generator.generate([prompt], self.config, callback)[0]
         self.messages = [*messages, {"role": "assistant", "content": done.text}]
         self.images += self._pending_images
         self.audio += self._pending_audio
-        self._pending_parts, self._pending_images, self._pending_audio = [], [], []
+        self.videos += self._pending_videos
+        self._pending_parts, self._pending_images, self._pending_audio, self._pending_videos = [], [], [], []
         return done
 
     def save(self, path: str | Path) -> Path:

@@ -21,25 +21,25 @@ import torch.nn.functional as F
 from adapters.cross_attention import cross_attention_bias
 from ..model import KVCache, Transformer
 from ..model.masks import AttentionMask
-from ..model.multimodal import ImageContext, MultimodalModel
+from ..model.multimodal import ImageContext, MultimodalModel, VideoContext
 from ..model.speech_lm import SpeechLM
 from ..model.rope import inv_frequencies, rotary_tables
 
 
 @dataclass
 class CrossInputs:
-    """Image keys/values (computed once per request) and which tiles each query row may see.
+    """Image (or video) keys/values, computed once per request, and which media tokens each query row may see.
 
-    bias `[batch, 1, seq, n_image_tokens]`, rows `[batch, seq, 1]` from `cross_attention_bias`.
+    bias `[batch, 1, seq, n_media_tokens]`, rows `[batch, seq, 1]` from `cross_attention_bias`.
     """
 
-    context: ImageContext
+    context: ImageContext | VideoContext
     bias: torch.Tensor
     rows: torch.Tensor
 
     @classmethod
-    def from_mask(cls, context: ImageContext, vision_mask: torch.Tensor, dtype) -> "CrossInputs":
-        """vision_mask bool `[batch, seq, n_images, max_tiles]`."""
+    def from_mask(cls, context: ImageContext | VideoContext, vision_mask: torch.Tensor, dtype) -> "CrossInputs":
+        """vision_mask bool `[batch, seq, n_images, max_tiles]` (videos: `[batch, seq, n_videos, groups]`)."""
         bias, rows = cross_attention_bias(vision_mask, context.tokens.shape[3], dtype)
         return cls(context, bias, rows)
 
@@ -84,12 +84,16 @@ class Decoder:
                 for _ in range(a.n_layers)]
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, mask: AttentionMask, caches: list[KVCache],
-                 start: int, cross: CrossInputs | None = None) -> torch.Tensor:
+                 start: int, cross: CrossInputs | None = None, video: CrossInputs | None = None) -> torch.Tensor:
         """h `[batch, seq, dim]` at cache slots `[start, start + seq)`, positions `[batch, seq]` →
-        logits of the last position `[batch, vocab]` (fp32)."""
+        logits of the last position `[batch, vocab]` (fp32). Video cross-attention runs before the image
+        block of the same layer, as in `MultimodalModel.forward`."""
         cos, sin = rotary_tables(positions, self.inv_freq)
         blocks = self.multimodal.cross_attention if self.multimodal is not None and cross is not None else {}
+        video_blocks = self.multimodal.video_cross_attention if self.multimodal is not None and video is not None else {}
         for i, layer in enumerate(self.lm.layers):
+            if str(i) in video_blocks:
+                h = video_blocks[str(i)](h, video.context.kv[str(i)], video.bias, video.rows)
             if str(i) in blocks:
                 h = blocks[str(i)](h, cross.context.kv[str(i)], cross.bias, cross.rows)
             h = layer(h, cos, sin, mask, caches[i], start)

@@ -41,12 +41,14 @@ class Prompt:
         `<|speech_start|> <|speech|>×L <|speech_end|>` span, in order (a `SpeechLM` encodes them).
     speech: `[n_frames, dim]` speech-adapter outputs, one row per `<|speech|>` placeholder, in order
         (instead of `audio`, for any model).
+    videos: sampled, tiled clips (`mm_llama.data.video.frames_from_folder`), one per `<|video|>` token, in order.
     """
 
     tokens: list[int]
     images: list = field(default_factory=list)
     speech: torch.Tensor | None = None
     audio: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
 
 
 @dataclass
@@ -144,11 +146,13 @@ class Generator:
 
         h = self._speech_inputs(self.decoder.embed(tokens), tokens, prompts)
         cross, cross_step = self._image_inputs(tokens, prompts)
+        video, video_step = self._video_inputs(tokens, prompts)
+        media = cross is not None or video is not None
         caches = self.decoder.caches(b, cache_len)
         positions = (torch.arange(width, device=dev)[None, :] - pad[:, None]).clamp(min=0)
         mask = padded_attention_mask(valid, 0, width) if padded else AttentionMask()
-        logits = self.decoder.step(h, positions, mask, caches, 0) if cross is None else \
-            self.decoder(h, positions, mask, caches, 0, cross)
+        logits = self.decoder(h, positions, mask, caches, 0, cross, video) if media else \
+            self.decoder.step(h, positions, mask, caches, 0)
 
         stop_tokens = self.stop_tokens if config.stop_tokens is None else config.stop_tokens
         generator = torch.Generator(device=dev).manual_seed(config.seed) if config.seed is not None else None
@@ -175,16 +179,16 @@ class Generator:
             if all(f is not None for f in finish) or step == new_tokens - 1:
                 break
             slot = width + step
-            if self.compile and cross_step is None:
+            if self.compile and not media:
                 logits = self.decoder.compiled_step()(chosen[:, None], next_pos + step, valid, [c.k for c in caches],
                                                       [c.v for c in caches], torch.tensor([slot], device=dev))
                 continue
             mask = padded_attention_mask(valid, slot, 1) if padded else AttentionMask()
             h = self.decoder.embed(chosen[:, None])
-            if cross_step is None:
-                logits = self.decoder.step(h, next_pos + step, mask, caches, slot)
+            if media:
+                logits = self.decoder(h, next_pos + step, mask, caches, slot, cross_step, video_step)
             else:
-                logits = self.decoder(h, next_pos + step, mask, caches, slot, cross_step)
+                logits = self.decoder.step(h, next_pos + step, mask, caches, slot)
 
         completions = []
         for i, stream in enumerate(streams):
@@ -243,6 +247,38 @@ class Generator:
         dtype = self.decoder.dtype
         return (CrossInputs.from_mask(context, vision_mask, dtype),
                 CrossInputs.from_mask(context, vision_mask[:, -1:], dtype))
+
+    def _video_inputs(self, tokens: torch.Tensor, prompts: Sequence[Prompt]
+                      ) -> tuple[CrossInputs | None, CrossInputs | None]:
+        """Video cross-attention inputs for the prompt and for each later token, as `_image_inputs`: every
+        clip is encoded and aggregated once; prompts with fewer videos get empty (masked) video slots."""
+        model = self.decoder.multimodal
+        takes_video = model is not None and model.video_config is not None
+        if any(p.videos for p in prompts) and not takes_video:
+            raise ValueError("this model has no video adapter; it cannot take videos")
+        for i, p in enumerate(prompts):
+            n = sum(1 for t in p.tokens if t == model.video_token_id) if takes_video else 0
+            if n != len(p.videos):
+                raise ValueError(f"prompt {i} has {n} <|video|> tokens but {len(p.videos)} videos")
+        if not any(p.videos for p in prompts):
+            return None, None
+        from ..data.video import collate_videos  # the loader's own padding of frames to whole groups
+
+        max_tiles, group = model.config.encoder.max_num_tiles, model.video_config.frames_per_group
+        per_prompt = [[collate_videos([clip], max_tiles, group) for clip in p.videos] for p in prompts]
+        frames = max(v.shape[2] for row in per_prompt for v, _, _ in row)
+        n_videos = max(len(row) for row in per_prompt)
+        sample = per_prompt[next(i for i, row in enumerate(per_prompt) if row)][0][0]
+        videos = sample.new_zeros(len(prompts), n_videos, frames, *sample.shape[3:])
+        ratios = torch.zeros(len(prompts), n_videos, frames, 2, dtype=torch.long)
+        frame_mask = torch.zeros(len(prompts), n_videos, frames, dtype=torch.bool)
+        for i, row in enumerate(per_prompt):
+            for j, (v, r, m) in enumerate(row):
+                videos[i, j, : v.shape[2]], ratios[i, j, : v.shape[2]], frame_mask[i, j, : v.shape[2]] = v[0, 0], r[0, 0], m[0, 0]
+        dev, dtype = self.decoder.device, self.decoder.dtype
+        context = model.encode_videos(videos.to(dev, dtype), ratios.to(dev), frame_mask.to(dev))
+        mask = model.video_mask(tokens, context.group_mask)
+        return CrossInputs.from_mask(context, mask, dtype), CrossInputs.from_mask(context, mask[:, -1:], dtype)
 
 
 def generate(model: Transformer | MultimodalModel | SpeechLM, prompt: list[int], max_new_tokens: int,

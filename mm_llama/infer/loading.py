@@ -44,7 +44,7 @@ RUN_CONFIG = "config.yaml"
 
 @dataclass(frozen=True)
 class Capabilities:
-    """Which inputs beyond text a model takes (video joins as its encoder is built)."""
+    """Which inputs beyond text a model takes."""
 
     image: bool = False
     audio: bool = False
@@ -52,7 +52,9 @@ class Capabilities:
 
     @classmethod
     def of(cls, model) -> "Capabilities":
-        return cls(image=isinstance(model, MultimodalModel), audio=isinstance(model, SpeechLM))
+        composed = isinstance(model, MultimodalModel)
+        return cls(image=composed, audio=isinstance(model, SpeechLM),
+                   video=composed and model.video_config is not None)
 
     def require(self, kind: str) -> None:
         """Raise `UnsupportedInput` unless this model takes `kind` ("image", "audio" or "video")."""
@@ -98,7 +100,7 @@ def load_composed(folder: str | Path, config: ModelConfig, device="cpu", dtype=N
         if config.vision is not None:
             # The stored weights already hold the backbone: never re-read an open_clip file named in the config.
             encoder = config.vision.encoder.model_copy(update={"checkpoint": None})
-            model = MultimodalModel(config.lm, config.vision.model_copy(update={"encoder": encoder}))
+            model = MultimodalModel(config.lm, config.vision.model_copy(update={"encoder": encoder}), config.video)
         else:
             model = SpeechLM(config.lm, config.speech)
     check_state_dict({k: v.shape for k, v in state.items()}, {k: v.shape for k, v in _composed_keys(model).items()},
