@@ -23,7 +23,7 @@ from ..model import KVCache, Transformer
 from ..model.masks import AttentionMask
 from ..model.multimodal import ImageContext, MultimodalModel, VideoContext
 from ..model.speech_lm import SpeechLM
-from ..model.rope import inv_frequencies, rotary_tables
+from ..model.rope import apply_rotary_real, inv_frequencies, rotary_tables
 
 
 @dataclass
@@ -146,7 +146,7 @@ class Decoder:
             rotate = lambda x: _rotate(x, rotation)  # noqa: E731
         else:
             cos, sin = angles.cos(), angles.sin()
-            rotate = lambda x: _rotate_real(x, cos, sin)  # noqa: E731
+            rotate = lambda x: apply_rotary_real(x, cos, sin)  # noqa: E731
         for i, layer in enumerate(self.lm.layers):
             attn = layer.attention
             x = self._norm(layer.attention_norm, h)
@@ -176,8 +176,3 @@ def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
-
-def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`_rotate` in real arithmetic: pair (a, b) → (a·cos − b·sin, a·sin + b·cos), in fp32."""
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).type_as(x)
