@@ -1,8 +1,8 @@
 """Distributed checkpoints in torch.distributed.checkpoint (DCP) format, loadable at any parallel layout.
 
 A distributed checkpoint is a folder `checkpoints/step_00000123/` holding DCP's `.metadata` and one
-`__{rank}_0.distcp` file per rank with the model under the Transformer's own key names
-(`model.layers.3.attention.wq.weight`, ...) and the optimizer keyed by the same names
+`__{rank}_0.distcp` file per rank with the model under its own key names (the Transformer's
+`model.layers.3.attention.wq.weight`, a composed model's `model.cross_attention.3.attention.wq.weight`, ...) and the optimizer keyed by the same names
 (`optim.state.layers.3.attention.wq.weight.exp_avg`, ...), plus `model.yaml` and `trainer.pt` (step,
 tokens, RNG, and the data position of every data-parallel rank). Because keys are names and DCP
 re-shards on load, a checkpoint written with one layout loads at another (FSDP, TP and PP degrees
@@ -75,9 +75,14 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
 
 def read_model(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The full model state dict (Meta key names, on CPU) from a distributed checkpoint, read by this process alone."""
+    return read_tensors(folder, {k: (shape, torch.float32) for k, shape in expected_shapes(config.lm).items()})
+
+
+def read_tensors(folder: Path, specs: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """The full tensors `specs` names (key → shape, dtype; e.g. a composed model's), on CPU, read by this process alone."""
     if not is_distributed(folder):
         raise CheckpointError(f"{folder}: not a distributed checkpoint (no {METADATA})")
-    state = {"model": {k: torch.empty(shape) for k, shape in expected_shapes(config.lm).items()}}
+    state = {"model": {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in specs.items()}}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=folder, no_dist=True)

@@ -1,9 +1,13 @@
 """What the training engine needs from a parallel layout: forward/backward, loss reduction, clipping.
 
 `ParallelRun.setup` parallelizes a freshly built `Transformer` in the order TP → CP → (activation
-checkpointing, compile) → FSDP, or cuts it into pipeline stages first. The loss of every rank is a
-sum over its labelled tokens divided by the label count of the whole global batch, and FSDP sums
-gradients, so one optimizer step equals the single-process step on the same global batch.
+checkpointing, compile) → FSDP, or cuts it into pipeline stages first. `ParallelRun.setup_task` does
+the same for the model of any other objective (composed image/speech models, encoders, reward and
+post-training LMs) with TP → (checkpointing, compile) → FSDP, the task computing the loss. The loss
+of every rank is a sum over its loss units (labelled tokens, pairs, masked frames) divided by the
+unit count of the whole global batch, and FSDP sums gradients, so one optimizer step equals the
+single-process step on the same global batch (for CLIP: on the same micro-batches, each contrasted
+within itself, as gradient accumulation does).
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from ..config import ConfigError
 from ..config.stage import StageConfig
 from ..model import Transformer
 from ..train.losses import lm_loss_sum
+from .blocks import shard_units
 from .context_parallel import apply_cp, shard_sequence
 from .fsdp import apply_fsdp
 from .mesh import ParallelDims, build_mesh, fsdp_mesh
 from .pipeline import build_schedule, build_stages, split_layers
-from .tensor_parallel import apply_tp
+from .tensor_parallel import apply_tp, apply_tp_composed
 
 
 class StateView(nn.Module):
@@ -53,6 +58,8 @@ class ParallelRun:
     state_module: nn.Module  # what checkpoints read and write
     vocab_parallel: bool
     schedule: object = None
+    task: object = None  # the objective's `Task` when it computes the loss (every objective but 'lm')
+    replicated: list = field(default_factory=list)  # parameters FSDP leaves whole: gradients summed over DP here
     _pending: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- building
@@ -87,6 +94,23 @@ class ParallelRun:
             n_stages = len(split_layers(model.args.n_layers, dims.pp * len(stages)))
             run.schedule = build_schedule(stages, n_stages, mesh["pp"], device, p.pp_schedule, micro, run._pipeline_loss)
         return run
+
+    @classmethod
+    def setup_task(cls, model: nn.Module, task, cfg: StageConfig, dims: ParallelDims, device: torch.device,
+                   dtype: torch.dtype, per_block: Callable[[nn.Module], None]) -> "ParallelRun":
+        """Data and tensor parallelism for the model of `task` (any objective): TP → per-block → FSDP."""
+        if dims.pp > 1 or dims.cp > 1:
+            raise ConfigError(f"train.objective '{task.name}': parallel.pp and parallel.cp split the text LM's layers "
+                              "and sequence and support the 'lm' objective only; use parallel.dp_shard and parallel.tp")
+        mesh = build_mesh(dims, device.type)
+        if dims.tp > 1:
+            apply_tp_composed(model, mesh["tp"])
+        for block in task.blocks(model):
+            per_block(block)
+        replicated = []
+        if dims.dp > 1:
+            replicated = apply_fsdp(model, mesh["dp"], dtype, cfg.parallel.reshard_after_forward, units=shard_units(model))
+        return cls(dims, mesh, device, [model], model, vocab_parallel=False, task=task, replicated=replicated)
 
     # ---------------------------------------------------------------- where this rank sits
 
@@ -130,6 +154,12 @@ class ParallelRun:
 
     def forward_backward(self, batch, n_labels: int, autocast, backward: bool = True) -> torch.Tensor:
         """Run one micro-batch `[batch, seq]` (this DP rank's); return this rank's summed loss (float64, 0 if it holds none)."""
+        if self.task is not None:
+            with autocast():
+                loss = self.task.loss(self.modules[0], batch, self.device)
+            if backward:
+                (loss / max(n_labels, 1)).backward()
+            return _local(loss.detach()).double().cpu()
         tokens, labels, doc_ids = (t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids))
         with self._loss_context():
             if self.schedule is not None:
@@ -155,8 +185,10 @@ class ParallelRun:
             return _local(loss.detach()).double().cpu()
 
     @torch.no_grad()
-    def evaluate(self, batches, autocast) -> float:
-        """Mean held-out loss per labelled token; every DP rank evaluates the same batches."""
+    def evaluate(self, batches, autocast) -> float | dict[str, float]:
+        """Mean held-out loss per labelled token (a task's own metrics); every DP rank evaluates the same batches."""
+        if self.task is not None:
+            return self.task.evaluate(self.modules[0], batches, self.device, autocast)
         for m in self.modules:
             m.eval()
             m.evaluating = True
@@ -197,7 +229,11 @@ class ParallelRun:
         return [by_rank[d] for d in range(self.dims.dp)]
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Global L2 norm of all gradients (sharded by FSDP/TP, split by PP); scale them down to `max_norm`."""
+        """Complete the gradients of the parameters FSDP left replicated (summed over DP), then take the global
+        L2 norm of all gradients (sharded by FSDP/TP, split by PP) and scale them down to `max_norm`."""
+        for p in self.replicated:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.mesh["dp"].get_group())
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         local = torch.zeros((), dtype=torch.float64)
         for g in grads:

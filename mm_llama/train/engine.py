@@ -6,9 +6,11 @@ clip, set the scheduled learning rate, step, log one metrics row; checkpoint ato
 A run directory that already holds checkpoints resumes from the newest one, data position and RNG included.
 
 Under `torchrun` (WORLD_SIZE > 1) the same loop runs on every rank over a `parallel.ParallelRun`: the
-model is sharded by the `parallel:` section, each data-parallel rank reads its own share of the data,
-losses and label counts are summed over ranks, checkpoints are distributed (DCP), and only rank 0
-writes metrics, plots and `final/`.
+model is sharded by the `parallel:` section (all four dimensions for the text objective `lm`; FSDP
+and TP for every other objective), each data-parallel rank reads its own share of the data (the
+task's loader for that rank), losses and loss-unit counts are summed over ranks, checkpoints are
+distributed (DCP), and only rank 0 writes metrics, plots and `final/` (one safetensors file, as a
+single-process run writes it).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,14 +74,24 @@ def _ramp(cfg: StageConfig, tokens: int) -> tuple[int, int]:
     return seq_len, accum
 
 
+def _one_kind(params: list) -> bool:
+    """Whether fused AdamW can take `params` in one call: all plain tensors, or all DTensors of one mesh."""
+    return len({getattr(p, "device_mesh", None) for p in params}) <= 1
+
+
 def _optimizer(params, cfg: StageConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only (frozen ones get no state); no decay on norms."""
+    """AdamW over trainable parameters only (frozen ones get no state); no decay on norms.
+
+    The fused kernel needs one kind of tensor per group; a sharded composed model can mix DTensors
+    (split blocks) with plain tensors or DTensors of another mesh (replicated parts), and then the
+    per-parameter implementation runs instead."""
     params = list(params)
     decay = [p for p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=device.type in ("cpu", "cuda"))
+    fused = device.type in ("cpu", "cuda") and _one_kind(decay) and _one_kind(no_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused, foreach=None if fused else False)
 
 
 def _check_resume_config(run_dir: Path, cfg: StageConfig) -> None:
@@ -144,6 +157,19 @@ class _LocalRun:
         return state
 
 
+def _resume_data(loader, position, dp_rank: int, dp: int) -> None:
+    """Put `loader` at a saved data position: one state, or one per data-parallel rank of the saved run."""
+    if not isinstance(position, list):
+        loader.load_state_dict(position)
+    elif hasattr(loader, "load_state_dicts"):  # the loader re-splits (or checks) the positions itself
+        loader.load_state_dicts(position)
+    elif len(position) == dp:
+        loader.load_state_dict(position[dp_rank])
+    else:
+        raise ConfigError(f"the checkpoint holds the data positions of {len(position)} data-parallel ranks; this "
+                          f"task's loader resumes on the same number only (now {dp})")
+
+
 def train_stage(cfg: StageConfig) -> Path:
     """Run (or resume) one stage; returns its run directory. Under torchrun every rank calls it."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -169,9 +195,6 @@ def _train_stage(cfg: StageConfig) -> Path:
 
     device = _device(cfg)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and task.name != "lm":
-        raise ConfigError(f"train.objective '{task.name}': distributed runs support the 'lm' objective so far; "
-                          "run this stage single-process")
     if distributed:
         from ..parallel import start
 
@@ -196,7 +219,10 @@ def _train_stage(cfg: StageConfig) -> Path:
     if distributed:
         from ..parallel import ParallelRun
 
-        par = ParallelRun.setup(model, cfg, dims, device, _param_dtype(cfg, device), _per_block(cfg))
+        # what final/ holds (names, shapes, dtypes), known only before the model is sharded
+        final_specs = {k: (v.shape, v.dtype) for k, v in ckpt.model_tensors(model).items()}
+        setup = ParallelRun.setup if task.name == "lm" else partial(ParallelRun.setup_task, task=task)
+        par = setup(model, cfg=cfg, dims=dims, device=device, dtype=_param_dtype(cfg, device), per_block=_per_block(cfg))
     else:
         for block in task.blocks(model):
             _per_block(cfg)(block)
@@ -215,10 +241,8 @@ def _train_stage(cfg: StageConfig) -> Path:
 
     def make_loader(seq_len: int, position):
         loader = task.loader(seq_len, cfg.train.micro_batch, par.dp_rank, par.dp)
-        if isinstance(position, list):  # one position per data-parallel rank, re-split if their number changed
-            loader.load_state_dicts(position)
-        elif position is not None:
-            loader.load_state_dict(position)
+        if position is not None:
+            _resume_data(loader, position, par.dp_rank, par.dp)
         return loader, iter(loader)
 
     loader, batches = make_loader(seq_len, state["data"])
@@ -259,7 +283,7 @@ def _train_stage(cfg: StageConfig) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_tokens = sum(task.batch_tokens(b) for b in micro) * par.dp
+            step_tokens = int(par.sum_over_dp(sum(task.batch_tokens(b) for b in micro)))
             tokens += step_tokens
             elapsed = time.perf_counter() - t0
             stats = loader.stats()
@@ -276,7 +300,8 @@ def _train_stage(cfg: StageConfig) -> Path:
                 trainer_state = {"step": step, "tokens": tokens, "data": par.gather_data_states(loader.state_dict()),
                                  "rng": torch.get_rng_state(), "nonfinite_skips": nonfinite}
                 if distributed:
-                    dcp_checkpoint.save(ckpt_dir / f"step_{step:08d}", par.state_module, optimizer, cfg.model, trainer_state)
+                    dcp_checkpoint.save(ckpt_dir / f"step_{step:08d}", par.state_module, optimizer, task.model_config(),
+                                        trainer_state)
                 else:
                     ckpt.save_checkpoint(ckpt_dir, step, model, task.model_config(), optimizer, trainer_state)
                 if main:
@@ -287,7 +312,7 @@ def _train_stage(cfg: StageConfig) -> Path:
             progress.close()
             metrics.close()
     if distributed:
-        _write_final_distributed(cfg, run_dir, par, heldout, autocast)
+        _write_final_distributed(cfg, task, run_dir, par, heldout, autocast, final_specs)
     else:
         _write_final(cfg, task, run_dir, model, heldout, par, autocast)
     return run_dir
@@ -316,28 +341,31 @@ def _write_final(cfg: StageConfig, task: Task, run_dir: Path, model, heldout, pa
     print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" ({shown})" if shown else ""))
 
 
-def _write_final_distributed(cfg: StageConfig, run_dir: Path, par, heldout, autocast) -> None:
-    """`final/` from a torchrun run: every rank evaluates the final weights, rank 0 writes them as one safetensors file."""
+def _write_final_distributed(cfg: StageConfig, task: Task, run_dir: Path, par, heldout, autocast,
+                             specs: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
+    """`final/` from a torchrun run: every rank evaluates the final weights, rank 0 writes them as one safetensors
+    file holding `specs` (the tensors, names and dtypes `_write_final` writes for the same model)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
     summary = {"stage": cfg.name, "steps": cfg.train.steps}
     if cfg.train.polyak_last > 1 and len(checkpoints) >= 2:
         chosen = checkpoints[-cfg.train.polyak_last:]
-        states = [dcp_checkpoint.read_model(c, cfg.model) for c in chosen]
+        states = [dcp_checkpoint.read_tensors(c, specs) for c in chosen]
         weights = {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
         set_model_state_dict(par.state_module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         summary["polyak_averaged"] = [p.name for p in chosen]
     else:
         weights = None
     if heldout:
-        summary["val_loss"] = par.evaluate(heldout, autocast)
+        summary.update(_metrics(par.evaluate(heldout, autocast)))
     if par.rank == 0:
         if weights is None:
-            weights = dcp_checkpoint.read_model(checkpoints[-1], cfg.model)
+            weights = dcp_checkpoint.read_tensors(checkpoints[-1], specs)
         with atomic_folder(run_dir / "final") as tmp:
             write_safetensors(weights, tmp / MODEL_SAFETENSORS)
-            (tmp / MODEL_YAML).write_text(dump_config(cfg.model))
+            (tmp / MODEL_YAML).write_text(dump_config(task.model_config()))
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" (held-out loss {summary['val_loss']:.4f})" if heldout else ""))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float))
+        print(f"[{cfg.name}] finished: {run_dir / 'final'}" + (f" ({shown})" if shown else ""))
     torch.distributed.barrier()
