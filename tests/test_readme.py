@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 TINY_STEPS = ["train.steps=2", "train.eval_every=0", "train.eval_batches=1", "run.checkpoint_every=2"]
 # Stages of the demo pipeline the later README lines need (eval, chat, serve, rejection sampling).
-PIPELINE_STAGES = ["text_pretrain", "long_context", "anneal", "sft", "reward_model"]
+PIPELINE_STAGES = ["text_pretrain", "long_context", "anneal", "image_encoder_pretrain", "sft", "reward_model"]
 
 
 def readme_blocks() -> list[tuple[str, str]]:
@@ -129,6 +129,39 @@ def prepare_inputs(demo: Path) -> None:
     Path("raw").mkdir()
     for shard in sorted((demo / "text").glob("train-*.tar"))[:2]:
         Path("raw", shard.name).write_bytes(shard.read_bytes())
+    prepare_media()
+
+
+def prepare_media() -> None:
+    """A few pictures, two videos as frame folders and two audio clips, with their TSV files."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    Path("photos").mkdir()
+    rows = ["image\tcaption\tquestion\tanswer\ttype"]
+    for i, (name, rgb) in enumerate(list(colours.items()) * 3):
+        Image.new("RGB", (64, 48), rgb).save(f"photos/p{i}.png")
+        rows.append(f"p{i}.png\ta {name} picture\tWhat colour is it?\t{name}\tcolour")
+    Path("photos.tsv").write_text("\n".join(rows) + "\n")
+    Path("clips").mkdir()
+    rows = ["video\tcaption"]
+    for v, (name, rgb) in enumerate(colours.items()):
+        Path("clips", f"v{v}").mkdir()
+        for f in range(4):
+            img = Image.new("RGB", (48, 48), (0, 0, 0))
+            img.paste(rgb, (4 + 8 * f, 16, 16 + 8 * f, 28))
+            img.save(f"clips/v{v}/{f:03d}.jpg")
+        rows.append(f"v{v}\ta {name} square moves right")
+    Path("clips.tsv").write_text("\n".join(rows) + "\n")
+    Path("audio").mkdir()
+    rows = ["audio\ttranscript"]
+    for i in range(2):
+        t = np.arange(16000) / 16000
+        soundfile.write(f"audio/a{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t)).astype(np.float32), 16000)
+        rows.append(f"a{i}.wav\ta tone number {i}")
+    Path("audio.tsv").write_text("\n".join(rows) + "\n")
 
 
 # The README's IsoFLOPs grid made a hundred times cheaper: two budgets × three widths, a few steps each.
