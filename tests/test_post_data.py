@@ -169,8 +169,18 @@ def test_demo_dialog_split_and_checkable_answers(dialog_root, chat):
     colour = next(r for r in pref if r["kind"] == "colour")
     q = colour["prompt"][-1]["content"]
     asked = q.split("the ")[-1].rstrip("?")
-    right_colour = q.split(f" {asked}")[0].split()[-1]
+    right_colour = q.split("I see a ")[1].split()[0]
     assert colour["responses"][0] == f"The {asked} is {right_colour}."
+    assert not any(r["kind"] == "arithmetic" for r in pref)  # held-out sums are facts training never shows
+    repeat = [r for r in sft_records(400, 1, False) if r["kind"] == "repeat"]
+    assert 0.3 < len(repeat) / 400 < 0.5  # the copy skill the speech adapter stage's frozen LM needs
+    assert all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] for r in repeat)
+    assert all(r["messages"][0]["content"] == "Repeat after me in English:" for r in repeat)
+    assert all(r["messages"][1]["content"] == r["messages"][2]["content"] for r in repeat)
+    from mm_llama.data.demo_speech import clips
+
+    heldout_spoken = {c.text for c in clips() if c.split == "val"}
+    assert not heldout_spoken & {r["messages"][1]["content"] for r in repeat}  # never a held-out transcript
     sft = sft_records(50, 1, False)
     assert all(m["role"] in ("system", "user", "assistant") for r in sft for m in r["messages"])
     batches = sft_heldout(DataConfig(root=str(dialog_root), sources=[{"name": "s", "shards": "dialog/sft-train-*.tar"}],

@@ -4,17 +4,25 @@ Questions about a scene described in words, so every answer is right or wrong by
 
 | kind       | question                                                | a wrong answer                            |
 |------------|---------------------------------------------------------|-------------------------------------------|
-| colour     | "There is a red ball and a blue cup. What colour is the cup?" | the other object's colour, or one not in the scene |
+| colour     | "I see a blue cup on the table. What colour is the cup?"  | another colour                            |
 | shape      | "The page shows a hexagon. How many sides does it have?"   | another number of sides                    |
 | count      | "Count the apples: apple pear apple."                    | the count off by one or two               |
-| arithmetic | "What is three plus five?"                               | the sum off by one or two                 |
 | transcript | "Write down what the speaker said: ..."                  | one word swapped for another              |
 
 Rankings are `[chosen, rejected]` (right vs wrong) or, for 30%, `[edited, chosen, rejected]`: the
 edited answer states it plainly, the chosen one is right but hedged, the rejected one is wrong.
 10% are rated "slightly_better" (two right answers differing in punctuation), which the stages drop
 as the paper does. A question lands in the held-out split by a digest of its text, so no held-out
-question is seen in training.
+question is seen in training. Every kind is decidable from the question's own text (the answer is in
+it, or is a fact the training data states for every shape); arithmetic was dropped because a held-out
+sum is a fact training never shows, so no model of the demo could rank it (RM held-out accuracy on
+sums was 23–43%, below chance). A colour scene holds one object: with two ("a red ball and a blue
+cup", the wrong answer often the other object's colour) the 1.5M-parameter demo models stayed at chance
+on colour even on their training pairs (SFT policy 48%, RM 50%, also when told "the cup is blue"), so
+binding a colour to one of two objects is beyond the demo's budget and the pairs measured nothing.
+
+40% of SFT dialogs are the speech stage's ASR turn in text ("Repeat after me in English:", the sentence →
+the sentence): the copy skill the frozen LM of the speech adapter stage needs.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import webdataset as wds
 SFT_TRAIN, SFT_VAL = 3000, 200
 PREF_TRAIN, PREF_VAL = 3000, 300
 PROMPTS = 64
+IMAGE_PREF_TRAIN, IMAGE_PREF_VAL = 1200, 200
 HELDOUT_PERCENT = 10
 TRIPLE_SHARE, SLIGHT_SHARE = 0.3, 0.1
 
@@ -42,13 +51,9 @@ SYSTEM = "You are a careful assistant. Answer in one short sentence."
 
 
 def _colour(rng: random.Random) -> tuple[str, str, str]:
-    o1, o2 = rng.sample(OBJECTS, 2)
-    c1, c2 = rng.sample(COLOURS, 2)
-    ask, colour, other = rng.choice(((o1, c1, c2), (o2, c2, c1)))
-    if rng.random() < 0.5:  # a colour the scene does not hold
-        other = rng.choice([c for c in COLOURS if c not in (c1, c2)])
-    q = f"There is a {c1} {o1} and a {c2} {o2}. What colour is the {ask}?"
-    return q, f"The {ask} is {colour}.", f"The {ask} is {other}."
+    thing, (colour, other) = rng.choice(OBJECTS), rng.sample(COLOURS, 2)
+    q = f"I see a {colour} {thing} on the table. What colour is the {thing}?"
+    return q, f"The {thing} is {colour}.", f"The {thing} is {other}."
 
 
 def _shape(rng: random.Random) -> tuple[str, str, str]:
@@ -70,14 +75,6 @@ def _count(rng: random.Random) -> tuple[str, str, str]:
     return q, f"There are {NUMBERS[n]} {plural(n)}.", f"There are {NUMBERS[wrong]} {plural(wrong)}."
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
-    wrong = a + b + rng.choice((-2, -1, 1, 2))
-    q = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"
-    return q, f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {NUMBERS[a + b]}.", \
-        f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {NUMBERS[wrong]}."
-
-
 def _transcript(rng: random.Random) -> tuple[str, str, str]:
     words = rng.sample(WORDS, 4)
     wrong = list(words)
@@ -86,8 +83,30 @@ def _transcript(rng: random.Random) -> tuple[str, str, str]:
     return q, f"The speaker said: {' '.join(words)}.", f"The speaker said: {' '.join(wrong)}."
 
 
-KINDS = {"colour": _colour, "shape": _shape, "count": _count, "arithmetic": _arithmetic, "transcript": _transcript}
-KIND_WEIGHTS = (0.3, 0.15, 0.2, 0.1, 0.25)
+def repeat_dialog(rng: random.Random) -> list[dict]:
+    """The speech stage's ASR turn in text: system "Repeat after me in English:", the sentence as the user's
+    text → the sentence. Half are demo command sentences never spoken in the held-out speech split, half random
+    words, so the LM learns to copy, not to recall."""
+    if rng.random() < 0.5:
+        sentence = rng.choice(_spoken_training_sentences())
+    else:
+        sentence = " ".join(rng.sample(WORDS, rng.randint(3, 6)))
+    return [{"role": "system", "content": "Repeat after me in English:"},
+            {"role": "user", "content": sentence}, {"role": "assistant", "content": sentence}]
+
+
+def _spoken_training_sentences() -> list[str]:
+    from . import demo_speech  # the speech demo's sentence templates and its held-out split
+
+    heldout = {c.text for c in demo_speech.clips() if c.split == "val"}
+    return [s for s in demo_speech.sentences() if s not in heldout]
+
+
+KINDS = {"colour": _colour, "shape": _shape, "count": _count, "transcript": _transcript}
+KIND_WEIGHTS = (0.3, 0.15, 0.25, 0.3)
+# Of SFT dialogs: the frozen LM of the speech adapter stage (initialised from SFT) must copy text, or the adapter
+# has nothing to learn (held-out WER stayed at the blind baseline with an LM that could not copy; 0.49 with 40%).
+REPEAT_SHARE = 0.4
 
 
 def is_heldout_question(question: str) -> bool:
@@ -113,6 +132,9 @@ def sft_records(n: int, seed: int, heldout: bool) -> list[dict]:
     rng, source = random.Random(seed + 1), questions(seed, heldout)
     records = []
     for _ in range(n):
+        if rng.random() < REPEAT_SHARE:
+            records.append({"messages": repeat_dialog(rng), "kind": "repeat"})
+            continue
         kind, q, right, _ = next(source)
         messages = _prompt(rng, q) + [{"role": "assistant", "content": right}]
         if rng.random() < 0.2:  # a second turn
@@ -149,18 +171,41 @@ def prompt_records(n: int, seed: int) -> list[dict]:
     return out
 
 
+def image_preference_samples(n: int, split: str) -> list[dict]:
+    """Rankings about a rendered scene (the image demo's scenes, from their own seeds): the image is the
+    sample's `jpg` member, referenced from the user message; right vs wrong colour, shape or count."""
+    from .demo_vision import ANSWERS, jpeg_bytes, make_scene, questions as scene_questions, render
+    from .text_stream import derive_seed
+
+    rng, out = random.Random(derive_seed("demo-image-pref", split)), []
+    for i in range(n):
+        scene = make_scene(derive_seed("demo-image-pref", split, i))
+        qa = rng.choice([q for q in scene_questions(scene) if q["type"] in ("colour", "shape", "count")])
+        wrong = rng.choice([a for a in ANSWERS[qa["type"]] if a != qa["answer"]])
+        user = {"role": "user",
+                "content": [{"type": "image", "member": "jpg"}, {"type": "text", "text": qa["question"]}]}
+        record = {"prompt": [user], "responses": [f"{qa['answer'].capitalize()}.", f"{wrong.capitalize()}."],
+                  "strength": "significantly_better", "kind": qa["type"]}
+        out.append({"__key__": f"imgpref-{split}-{i:06d}", "json": record, "jpg": jpeg_bytes(render(scene))})
+    return out
+
+
 def _write(path: Path, prefix: str, records: list[dict]) -> Path:
+    return _write_samples(path, [{"__key__": f"{prefix}-{i:06d}", "json": r} for i, r in enumerate(records)])
+
+
+def _write_samples(path: Path, samples: list[dict]) -> Path:
     with wds.TarWriter(str(path), mtime=0.0) as sink:
-        for i, r in enumerate(records):
-            sink.write({"__key__": f"{prefix}-{i:06d}", "json": r})
+        for sample in samples:
+            sink.write(sample)
     return path
 
 
 README = """\
 ## dialog/
 
-Post-training data with checkable answers (colours, shapes, counts, arithmetic, transcripts described
-in words); held-out questions never appear in training.
+Post-training data with checkable answers (colours, shapes, counts, transcripts described in words);
+held-out questions never appear in training.
 
 - `dialog/sft-train-000000.tar` ({sft_train}), `dialog/sft-val-000000.tar` ({sft_val}): SFT dialogs,
   `json` = `{{"messages": [...], "kind": ...}}` (Llama 3 chat messages).
@@ -169,6 +214,10 @@ in words); held-out questions never appear in training.
   responses (edited > chosen > rejected).
 - `dialog/prompts-000000.tar` ({prompts}): held-out prompts for rejection sampling,
   `json` = `{{"messages": [...], "answer": the right reply, "kind": ...}}`.
+- `dialog/image-pref-train-000000.tar` ({image_pref_train}), `dialog/image-pref-val-000000.tar`
+  ({image_pref_val}): rankings about a rendered scene for the vision RM: `jpg` = the image, `json` =
+  a ranking whose user message holds `{{"type": "image", "member": "jpg"}}` and the question (colour,
+  shape or count; right vs wrong answer).
 """
 
 
@@ -184,7 +233,9 @@ def write_dialog(out: Path):
         _write(folder / "pref-train-000000.tar", "pref", preference_records(PREF_TRAIN, 3, False)),
         _write(folder / "pref-val-000000.tar", "prefval", preference_records(PREF_VAL, 4, True)),
         _write(folder / "prompts-000000.tar", "prompt", prompt_records(PROMPTS, 5)),
+        _write_samples(folder / "image-pref-train-000000.tar", image_preference_samples(IMAGE_PREF_TRAIN, "train")),
+        _write_samples(folder / "image-pref-val-000000.tar", image_preference_samples(IMAGE_PREF_VAL, "val")),
     ]
     counts = {"sft_train": SFT_TRAIN, "sft_val": SFT_VAL, "pref_train": PREF_TRAIN, "pref_val": PREF_VAL,
-              "prompts": PROMPTS}
+              "prompts": PROMPTS, "image_pref_train": IMAGE_PREF_TRAIN, "image_pref_val": IMAGE_PREF_VAL}
     return DemoPart("dialog", counts, README.format(**counts), files)

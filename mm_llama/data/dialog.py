@@ -10,9 +10,14 @@ Shard schema (WebDataset tar files, one sample per dialog; the `json` member hol
 A response is the text of one assistant message, or an assistant message dict. A ranking holds 2 or
 3 responses, best first: `[chosen, rejected]` or `[edited, chosen, rejected]` (paper §4.2.1).
 `strength` is the annotators' rating of the gap, one of `STRENGTHS`; a stage may keep only some.
-Media parts of a message (`{"type": "image"}`, ...) refer to members of the same sample; the text
-tasks here skip (and count) dialogs that hold them. A source's `text_key` names the member read
-(`txt`, the default of text sources, means `json` here).
+A source's `text_key` names the member read (`txt`, the default of text sources, means `json` here).
+
+Media live in the same sample as the record and are referenced from the messages: a content part
+`{"type": "image", "member": "jpg"}` (or `"audio"` with e.g. `"flac"`) names a member of the sample
+(`<key>.jpg`); without `member`, the sample's only member of that kind. A part naming a member the
+sample lacks makes the record skipped and counted. A loader given `decode_media` hands each media
+part's member to it (in message order) and keeps what it returns on the example (`media`); without
+it, a dialog holding media is skipped and counted (a text model cannot read it).
 
 Loaders run in the training process (dialogs are small JSON records; tokenising them is cheap) and
 reuse the text pipeline's seeded walk over shards and weighted mix (`text_stream`, `mixing`). Their
@@ -35,6 +40,8 @@ from .shards import DataError, read_shard, source_shards
 from .text_stream import SkipSample, SourceStream, derive_seed, sample_text
 
 IGNORE = -100
+MEDIA_MEMBERS = {"image": ("jpg", "jpeg", "png", "webp"), "audio": ("flac", "wav", "mp3", "ogg")}
+MAX_IMAGE_PIXELS = 64 * 2**20  # as the image loaders: beyond this an image is a decompression bomb
 STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
 STATE_FORMAT = "mm_llama.data.DialogLoader/1"
 
@@ -56,12 +63,65 @@ class Ranking:
     reference_logps: list[float] | None = None  # stored reference-model log-probs, one per response
 
 
+@dataclass
+class Record:
+    """One shard sample: its record's text and the sample's other members by name (the media bytes)."""
+
+    text: str
+    media: dict[str, bytes] = field(default_factory=dict)
+
+
+def sample_record(sample: dict, text_key: str) -> Record:
+    """A shard sample as a `Record` (SkipSample when its record member is missing or not text)."""
+    text = sample_text(sample, text_key)
+    record_member = text_key.split(".")[0].lower()
+    media = {k: v for k, v in sample.items() if not k.startswith("__") and k != record_member and isinstance(v, bytes)}
+    return Record(text, media)
+
+
+def media_parts(messages: list) -> list[Mapping]:
+    """Every non-text content part of `messages`, in order."""
+    return [p for m in messages if isinstance(m, Mapping) and isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, Mapping) and p.get("type") != "text"]
+
+
 def _media(messages: list) -> bool:
-    return any(isinstance(m, Mapping) and isinstance(m.get("content"), list)
-               and any(isinstance(p, Mapping) and p.get("type") != "text" for p in m["content"]) for m in messages)
+    return bool(media_parts(messages))
 
 
-def parse_dialog(record: Any) -> list[dict]:
+def media_members(messages: list, media: Mapping[str, bytes]) -> list[tuple[str, str]]:
+    """`(kind, member)` of each media part of `messages` in order; SkipSample naming a part whose member
+    the sample lacks (or, without `member`, when the sample has not exactly one member of that kind)."""
+    out = []
+    for i, part in enumerate(media_parts(messages)):
+        kind = part.get("type")
+        if kind not in MEDIA_MEMBERS:
+            raise SkipSample(f"media part {i}: type {kind!r} is not one of text, {', '.join(MEDIA_MEMBERS)}")
+        member = part.get("member")
+        if member is None:
+            found = [m for m in media if m.rsplit(".", 1)[-1] in MEDIA_MEMBERS[kind]]
+            if len(found) != 1:
+                raise SkipSample(f"media part {i} ({kind}) names no 'member' and the sample has {len(found)} "
+                                 f"{kind} members ({', '.join(found) or 'none'})")
+            member = found[0]
+        elif not isinstance(member, str) or member.lower() not in media:
+            raise SkipSample(f"media part {i} ({kind}) refers to member {member!r}, which the sample does not hold "
+                             f"(has: {', '.join(sorted(media)) or 'none'})")
+        out.append((kind, member.lower()))
+    return out
+
+
+def resolve_media(messages: list, media: Mapping[str, bytes], decode_media: Callable[[str, str, bytes], Any] | None
+                  ) -> list:
+    """The decoded media of `messages` in order (`decode_media(kind, member, bytes)`); SkipSample when the
+    dialog holds media and there is no decoder (a text model), or when a member is missing or undecodable."""
+    members = media_members(messages, media)
+    if members and decode_media is None:
+        raise SkipSample("the dialog holds media parts; a text model cannot read them")
+    return [decode_media(kind, member, media[member]) for kind, member in members]
+
+
+def parse_dialog(record: Any, media_ok: bool = False) -> list[dict]:
     """The `messages` of an SFT record; SkipSample naming what is wrong."""
     if not isinstance(record, Mapping) or "messages" not in record:
         raise SkipSample("an SFT record is a JSON object with 'messages'")
@@ -70,12 +130,12 @@ def parse_dialog(record: Any) -> list[dict]:
         raise SkipSample("'messages' must be a non-empty list")
     if not any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
         raise SkipSample("'messages' has no assistant message, so nothing to learn")
-    if _media(messages):
+    if not media_ok and _media(messages):
         raise SkipSample("the dialog holds media parts; a text model cannot read them")
     return list(messages)
 
 
-def parse_ranking(record: Any) -> Ranking:
+def parse_ranking(record: Any, media_ok: bool = False) -> Ranking:
     """A preference record as a `Ranking`; SkipSample naming what is wrong."""
     if not isinstance(record, Mapping) or "prompt" not in record or "responses" not in record:
         raise SkipSample("a preference record is a JSON object with 'prompt' and 'responses'")
@@ -96,7 +156,9 @@ def parse_ranking(record: Any) -> Ranking:
     strength = record.get("strength")
     if strength is not None and strength not in STRENGTHS:
         raise SkipSample(f"'strength' {strength!r} is not one of {', '.join(STRENGTHS)}")
-    if _media(prompt):
+    if _media(as_messages):
+        raise SkipSample("a response holds media parts; responses are assistant text")
+    if not media_ok and _media(prompt):
         raise SkipSample("the prompt holds media parts; a text model cannot read them")
     reference = record.get("reference_logps")
     if reference is not None and (not isinstance(reference, list) or len(reference) != len(responses)
@@ -125,6 +187,7 @@ class EncodedRanking:
     loss_masks: list[list[bool]]
     n: int  # the mixer's draw number of this record in its consumer: seeds per-example randomness
     reference_logps: list[float] | None = None
+    media: list = field(default_factory=list)  # the prompt's decoded media, in order
 
 
 def encode_ranking(chat, ranking: Ranking, n: int = 0, mask_formatting: bool = True) -> EncodedRanking:
@@ -152,19 +215,29 @@ def _json_source(source: SourceConfig) -> SourceConfig:
     return source.model_copy(update={"text_key": "json"}) if source.text_key == "txt" else source
 
 
+class RecordSourceStream(SourceStream):
+    """`SourceStream` whose items are `Record`s: the record's text and the sample's media members."""
+
+    kind = "dialog record"
+
+    def example(self, sample: dict, shard: int, epoch: int) -> Record:
+        return sample_record(sample, self.source.text_key)
+
+
 class RecordStream:
     """One rank's endless, seeded walk over the mixed record sources, with a one-record look-ahead.
 
     `peek()` is the next usable example and `position` the place that re-creates the stream with it
-    first; `take()` consumes it. `encode(record_text, n)` turns a record into an example or raises
+    first; `take()` consumes it. `encode(record, n)` turns a `Record` into an example or raises
     SkipSample (counted as a skipped sample and logged).
     """
 
-    def __init__(self, cfg: DataConfig, encode: Callable[[str, int], Any], seed: int, rank: int, world_size: int,
+    def __init__(self, cfg: DataConfig, encode: Callable[[Record, int], Any], seed: int, rank: int, world_size: int,
                  position: dict | None, counters: Counters):
         sources = [_json_source(s) for s in cfg.sources]
         urls = {s.name: source_shards(s, cfg.root) for s in sources}
-        streams = [SourceStream(s, urls[s.name], rank, world_size, seed, cfg.shuffle, cfg.shuffle_buffer, counters)
+        streams = [RecordSourceStream(s, urls[s.name], rank, world_size, seed, cfg.shuffle, cfg.shuffle_buffer,
+                                      counters)
                    for s in sources]
         self._docs = mixed_documents(streams, Mixture([s.weight for s in sources], seed, rank),
                                      position or start_position(streams))
@@ -174,9 +247,9 @@ class RecordStream:
 
     def _fill(self) -> None:
         while self._next is None:
-            text, position = next(self._docs)
+            record, position = next(self._docs)
             try:
-                self._next = (self._encode(text, int(position["n"])), position)
+                self._next = (self._encode(record, int(position["n"])), position)
             except Filtered:
                 self.filtered += 1
             except SkipSample as e:
@@ -197,7 +270,7 @@ class RecordStream:
         return item
 
 
-def heldout_records(cfg: DataConfig, encode: Callable[[str, int], Any], limit: int) -> list:
+def heldout_records(cfg: DataConfig, encode: Callable[[Record, int], Any], limit: int) -> list:
     """Up to `limit` examples from `cfg.heldout`: sources, shards and samples in listed order, read once."""
     counters = Counters()
     out: list = []
@@ -207,7 +280,7 @@ def heldout_records(cfg: DataConfig, encode: Callable[[str, int], Any], limit: i
                 if len(out) >= limit:
                     return out
                 try:
-                    out.append(encode(sample_text(sample, source.text_key), len(out)))
+                    out.append(encode(sample_record(sample, source.text_key), len(out)))
                 except Filtered:
                     continue
                 except SkipSample as e:
@@ -335,9 +408,9 @@ class SFTLoader(_LoaderBase):
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {self.seq_len} and {self.batch_size}")
 
-    def encode(self, text: str, n: int) -> tuple[list[int], list[int]]:
+    def encode(self, record: Record, n: int) -> tuple[list[int], list[int]]:
         try:
-            dialog = self.chat.encode_dialog(parse_dialog(read_record(text)))
+            dialog = self.chat.encode_dialog(parse_dialog(read_record(record.text)))
         except ValueError as e:
             raise SkipSample(str(e)) from None
         if len(dialog) - 1 > self.seq_len:
@@ -387,6 +460,7 @@ class PreferenceLoader(_LoaderBase):
     mask_formatting: bool = True
     concatenated: bool = False  # all responses in one row after the prompt (the reward model's rows)
     collate: Callable[[list[EncodedRanking]], Any] | None = None
+    decode_media: Callable[[str, str, bytes], Any] | None = None  # (kind, member, bytes) -> decoded, or SkipSample
 
     def __post_init__(self):
         super().__post_init__()
@@ -396,11 +470,15 @@ class PreferenceLoader(_LoaderBase):
         if bad:
             raise ValueError(f"strengths: unknown {bad}; expected some of {', '.join(STRENGTHS)}")
 
-    def encode(self, text: str, n: int) -> EncodedRanking:
-        ranking = parse_ranking(read_record(text))
+    def encode(self, record: Record | str, n: int) -> EncodedRanking:
+        if isinstance(record, str):
+            record = Record(record)
+        ranking = parse_ranking(read_record(record.text), media_ok=self.decode_media is not None)
         if ranking.strength is not None and ranking.strength not in self.strengths:
             raise Filtered(f"rated {ranking.strength!r}; this stage keeps {', '.join(self.strengths)}")
+        media = resolve_media(ranking.prompt, record.media, self.decode_media)
         example = encode_ranking(self.chat, ranking, n, self.mask_formatting)
+        example.media = media
         lengths = [len(r) for r in example.responses]
         need = len(example.prompt) + (sum(lengths) if self.concatenated else max(lengths))
         if self.max_tokens and need > self.max_tokens:
@@ -422,3 +500,35 @@ class PreferenceLoader(_LoaderBase):
 def example_rng(seed: int, rank: int, n: int) -> random.Random:
     """Per-example randomness (e.g. the order of responses in a row) that a resumed run repeats."""
     return random.Random(derive_seed(seed, "example", rank, n))
+
+
+class ImageParts:
+    """`decode_media` for image models: an image part's member → its tiles (`image_text.Tiled`), decoded and
+    size-checked as the image loaders do; an undecodable image or an audio part is a SkipSample."""
+
+    def __init__(self, tile_size: int, max_tiles: int):
+        self.tile_size, self.max_tiles = tile_size, max_tiles
+
+    def __call__(self, kind: str, member: str, data: bytes):
+        from encoders.vision.transform import tile_image
+
+        from .image_text import ImageError, Tiled, decode_image
+
+        if kind != "image":
+            raise SkipSample(f"member {member!r}: {kind} parts need a model with a {kind} encoder")
+        try:
+            pixels = decode_image(data, member.rsplit(".", 1)[-1], MAX_IMAGE_PIXELS)
+        except ImageError as e:
+            raise SkipSample(f"member {member!r}: {e}") from None
+        tiles, grid = tile_image(pixels, self.tile_size, self.max_tiles)
+        return Tiled(tiles, grid)
+
+
+def stack_media(examples: list, max_tiles: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The `media` (tiled images) of examples → images `[batch, n_images, max_tiles, 3, S, S]`, aspect ratios
+    `[batch, n_images, 2]`; (None, None) when no example holds an image."""
+    from encoders.vision.transform import stack_images
+
+    if not any(e.media for e in examples):
+        return None, None
+    return stack_images([[(t.tiles, t.grid) for t in e.media] for e in examples], max_tiles)

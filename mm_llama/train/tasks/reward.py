@@ -6,6 +6,13 @@ so its reward is exactly the one it would get alone in a row after the prompt. A
 r₀ > r₁ (> r₂) gives one loss term per ordered pair: −log σ(r_better − r_worse); the pair is the loss unit.
 `logit_penalty` w adds w·(r_better² + r_worse²)/2 per pair: the vision RM's penalty on squared reward
 logits (paper §7.5.3), averaged over the batch by the engine's division by the pair count.
+
+With a `model.vision` section the task trains the vision RM (`VisionRewardModel`): `init.from` is the
+composed image–text model (or a vision RM to continue), `train.options.language_rm` the language RM
+whose weights replace the LM and value head (paper: self-attention initialised from the language RM
+and frozen — the stage's `train.trainable` names the vision encoder and cross-attention). Rankings
+then carry their prompt's images (members of the same sample, `mm_llama.data.dialog`); text-only
+rankings still train (their rows have no image and skip cross-attention).
 """
 from __future__ import annotations
 
@@ -15,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ...data.dialog import EncodedRanking, PreferenceLoader, example_rng, heldout_records
-from ...model.reward import RewardModel, is_reward_state
+from ...config import ConfigError
+from ...data.dialog import EncodedRanking, ImageParts, PreferenceLoader, example_rng, heldout_records, stack_media
+from ...model.reward import RewardModel, VisionRewardModel, is_reward_state
 from .base import register
 from .post_base import PostTask, PreferenceOptions
 from .sft import lm_from_state
@@ -26,13 +34,15 @@ PAD_SEGMENT = -1
 
 class RewardOptions(PreferenceOptions):
     logit_penalty: float = Field(0.0, ge=0, description="weight of the squared-reward-logit penalty (vision RM)")
+    language_rm: str | None = Field(None, description="vision RM: the language RM whose LM and value head it takes")
 
 
 @dataclass
 class RewardBatch:
     """Rows of prompt + responses. tokens, positions `[batch, seq]`; mask bool `[batch, 1, seq, seq]`;
     ends `[batch, max_responses]` (index of each response's last token, ranking order, -1: none);
-    better, worse `[pairs]`: flat indices into `ends` of each pair's better and worse response."""
+    better, worse `[pairs]`: flat indices into `ends` of each pair's better and worse response;
+    images `[batch, n_images, tiles, 3, S, S]`, aspect_ratios `[batch, n_images, 2]` or None (no image)."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
@@ -40,6 +50,8 @@ class RewardBatch:
     ends: torch.Tensor
     better: torch.Tensor
     worse: torch.Tensor
+    images: torch.Tensor | None = None
+    aspect_ratios: torch.Tensor | None = None
 
 
 def ranking_pairs(n: int) -> list[tuple[int, int]]:
@@ -60,8 +72,10 @@ def response_mask(segments: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def collate_rankings(examples: list[EncodedRanking], pad_id: int, order_seed: int | None, rank: int = 0) -> RewardBatch:
-    """One row per ranking; responses in random order drawn from (`order_seed`, rank, example) or as ranked."""
+def collate_rankings(examples: list[EncodedRanking], pad_id: int, order_seed: int | None, rank: int = 0,
+                     max_tiles: int = 0) -> RewardBatch:
+    """One row per ranking; responses in random order drawn from (`order_seed`, rank, example) or as ranked;
+    the prompts' images (if any) stacked with `max_tiles` tile slots."""
     rows, positions, segments, ends, better, worse = [], [], [], [], [], []
     width = max(len(e.responses) for e in examples)
     for b, e in enumerate(examples):
@@ -83,13 +97,17 @@ def collate_rankings(examples: list[EncodedRanking], pad_id: int, order_seed: in
     t = max(map(len, rows))
     pad = lambda xs, v: torch.tensor([x + [v] * (t - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
     seg = pad(segments, PAD_SEGMENT)
+    images, ratios = stack_media(examples, max_tiles) if max_tiles else (None, None)
     return RewardBatch(pad(rows, pad_id), pad(positions, 0), response_mask(seg), torch.tensor(ends),
-                       torch.tensor(better), torch.tensor(worse))
+                       torch.tensor(better), torch.tensor(worse), images, ratios)
 
 
-def rewards(model: RewardModel, batch: RewardBatch, device) -> torch.Tensor:
+def rewards(model: RewardModel | VisionRewardModel, batch: RewardBatch, device) -> torch.Tensor:
     """Reward of every response, `[batch · max_responses]` (entries without a response are 0)."""
-    logits = model(batch.tokens.to(device), mask=batch.mask.to(device), positions=batch.positions.to(device))
+    media = {}
+    if batch.images is not None:
+        media = {"images": batch.images.to(device), "aspect_ratios": batch.aspect_ratios.to(device)}
+    logits = model(batch.tokens.to(device), mask=batch.mask.to(device), positions=batch.positions.to(device), **media)
     ends = batch.ends.to(device)
     picked = logits.gather(1, ends.clamp(min=0))
     return torch.where(ends >= 0, picked, torch.zeros_like(picked)).flatten()
@@ -108,7 +126,20 @@ def bradley_terry_sum(r: torch.Tensor, better: torch.Tensor, worse: torch.Tensor
 class RewardModelTask(PostTask):
     option_schema = RewardOptions
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.opts.language_rm is not None and cfg.model.vision is None:
+            raise ConfigError(f"stage '{cfg.name}': train.options.language_rm is for a vision RM (a model with a "
+                              "vision: section)")
+
+    @property
+    def max_tiles(self) -> int:
+        """Tile slots of the vision encoder (0: a text RM)."""
+        return self.cfg.model.vision.encoder.max_num_tiles if self.cfg.model.vision is not None else 0
+
     def build_model(self):
+        if self.cfg.model.vision is not None:
+            return self._vision_model()
         state = self.start_state()
         if state is not None and is_reward_state(state):  # continuing (or averaging) reward models
             model = RewardModel(self.cfg.model.lm)
@@ -116,14 +147,48 @@ class RewardModelTask(PostTask):
             return model
         return RewardModel(lm_from_state(self.cfg.model.lm, state, self.cfg.run.seed))
 
+    def _vision_model(self) -> VisionRewardModel:
+        """Vision parts from `init.from` (a composed model or vision RM), LM + head from `language_rm`."""
+        from ...post.average import read_model
+        from .vision_lm import resize_positions
+
+        torch.manual_seed(self.cfg.run.seed)
+        model = VisionRewardModel(self.cfg.model.lm, self.cfg.model.vision)
+        expected = model.state_dict()
+        loaded: set[str] = set()
+        for what, path, keep in (("init.from", self.cfg.init.from_, lambda k: True),
+                                 ("train.options.language_rm", self.opts.language_rm,
+                                  lambda k: k.startswith("lm.") or k == "value_head.weight")):
+            if path is None:
+                continue
+            state = self.start_state() if what == "init.from" else read_model(path)[0]
+            state = {k: v for k, v in resize_positions(state, "vision.", model.vision.args.grid).items() if keep(k)}
+            wrong = sorted(k for k in state if k not in expected or state[k].shape != expected[k].shape)
+            if wrong:
+                raise ConfigError(f"{what} {path}: does not fit the vision RM (unknown keys or other shapes: "
+                                  f"{wrong[:4]})")
+            model.load_state_dict(state, strict=False)
+            loaded |= state.keys()
+        missing = sorted(k for k in expected.keys() - loaded if not k.startswith("value_head"))
+        if self.cfg.init.from_ is not None and missing:
+            raise ConfigError(f"init.from {self.cfg.init.from_}: lacks {missing[:4]} (expected a composed "
+                              "image-text model or a vision RM)")
+        if self.cfg.init.from_ is not None and "value_head.weight" not in loaded:
+            raise ConfigError(f"stage '{self.cfg.name}': a vision RM needs train.options.language_rm (the language "
+                              "RM) unless init.from is a vision RM")
+        return model
+
     def _loader(self, seq_len, batch_size, rank, world_size, seed):
+        vision = self.cfg.model.vision
+        decode = ImageParts(vision.encoder.tile_size, vision.encoder.max_num_tiles) if vision is not None else None
         return PreferenceLoader(self.cfg.data, seed, rank, world_size, chat=self.chat, batch_size=batch_size,
-                                max_tokens=seq_len, strengths=tuple(self.opts.strengths), concatenated=True)
+                                max_tokens=seq_len, strengths=tuple(self.opts.strengths), concatenated=True,
+                                decode_media=decode)
 
     def loader(self, seq_len, batch_size, rank, world_size):
         seed = self.cfg.run.seed
         loader = self._loader(seq_len, batch_size, rank, world_size, seed)
-        loader.collate = lambda ex: collate_rankings(ex, self.chat.tokenizer.pad_id, seed, rank)
+        loader.collate = lambda ex: collate_rankings(ex, self.chat.tokenizer.pad_id, seed, rank, self.max_tiles)
         return loader
 
     def count(self, batch) -> int:
@@ -139,7 +204,8 @@ class RewardModelTask(PostTask):
         enc = self._loader(seq_len, batch_size, 0, 1, self.cfg.run.seed).encode
         examples = heldout_records(self.cfg.data, enc, self.cfg.train.eval_batches * batch_size)
         pad, seed = self.chat.tokenizer.pad_id, self.cfg.run.seed
-        return [collate_rankings(examples[i:i + batch_size], pad, seed) for i in range(0, len(examples), batch_size)]
+        return [collate_rankings(examples[i:i + batch_size], pad, seed, 0, self.max_tiles)
+                for i in range(0, len(examples), batch_size)]
 
     def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
         """`val_loss` per pair; `val_accuracy`: pairs ranked right; `val_accuracy_chosen_rejected`: the same
