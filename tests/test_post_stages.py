@@ -54,11 +54,17 @@ def stage(name, root, out, *overrides):
 
 @pytest.mark.parametrize("name,metric", [("sft", "val_loss"), ("reward_model", "val_accuracy"),
                                          ("dpo", "val_reward_accuracy")])
-def test_post_training_stages_run_through_the_engine(root, lm_dir, tmp_path, name, metric):
+def test_post_training_stages_run_through_the_engine(root, lm_dir, tmp_path, name, metric, capsys):
     cfg = stage(name, root, tmp_path / name, f"init.from={lm_dir}", "train.steps=2", "train.micro_batch=2")
     run = train_stage(cfg)
     summary = json.loads((run / "final" / "summary.json").read_text())
     assert metric in summary and math.isfinite(summary[metric])
+    if name == "reward_model":  # `mm-llama eval --task preference` reproduces the stage's held-out accuracy
+        from mm_llama.cli import main
+
+        capsys.readouterr()
+        assert main(["eval", str(run), "--task", "preference", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["preference.val_accuracy"] == summary["val_accuracy"]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
 

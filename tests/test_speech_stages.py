@@ -216,7 +216,7 @@ def test_task_errors_name_the_setting(speech_root, tmp_path, lm_dir):
         task_for(cfg).build_model()
 
 
-def test_speech_chain_through_the_engine_resumes_exactly(speech_root, tmp_path, lm_dir):
+def test_speech_chain_through_the_engine_resumes_exactly(speech_root, tmp_path, lm_dir, capsys):
     from mm_llama.train.engine import train_stage
 
     enc = train_stage(stage("speech_encoder_pretrain", speech_root, tmp_path / "enc", "train.steps=2"))
@@ -241,3 +241,8 @@ def test_speech_chain_through_the_engine_resumes_exactly(speech_root, tmp_path, 
     assert not torch.equal(a["speech_encoder.input_proj.weight"], encoder["encoder.input_proj.weight"])  # it trained
     final = json.loads((run / "final" / "summary.json").read_text())
     assert {"val_loss", "asr_wer", "asr_wer_baseline"} <= set(final) and final["asr_wer_baseline"] <= 1.0
+    from mm_llama.cli import main  # `mm-llama eval --task asr`: the stage's own held-out evaluation
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--task", "asr", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["asr.asr_wer"] == final["asr_wer"]

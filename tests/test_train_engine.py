@@ -158,8 +158,11 @@ def test_eval_command_reports_model_and_baseline(demo_data, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"heldout_loss", "heldout_loss_baseline", "heldout_ppl", "heldout_ppl_baseline"}
     assert metrics["heldout_loss"] < metrics["heldout_loss_baseline"]
-    assert main(["eval", str(run_dir), "--task", "asr"]) == 1
-    assert "not built yet" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--task", "asr"]) == 1  # a text run holds no speech model
+    assert "eval --task asr needs a run of objective 'speech_lm'" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--task", "perplexity"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["metric", "model", "baseline"] and table[1].startswith("heldout_loss")
 
 
 def test_unknown_objective_names_the_known_ones(demo_data, tmp_path):

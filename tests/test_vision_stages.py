@@ -133,7 +133,7 @@ def test_answer_accuracy_and_blind_baselines():
 # ------------------------------------------------------------------------------------- through the engine
 
 
-def test_clip_then_adapter_then_anneal(root, tmp_path):
+def test_clip_then_adapter_then_anneal(root, tmp_path, capsys):
     clip_dir = train_stage(stage("image_encoder_pretrain", root, tmp_path / "clip", train__options__context_length=8))
     summary = json.loads((clip_dir / "final" / "summary.json").read_text())
     assert {"val_retrieval_i2t", "val_retrieval_t2i", "val_retrieval_chance", "val_loss"} <= set(summary)
@@ -161,6 +161,16 @@ def test_clip_then_adapter_then_anneal(root, tmp_path):
     assert not torch.equal(adapted["vision.projection.weight"], built.vision.projection.weight.detach())
     summary = json.loads((adapter_dir / "final" / "summary.json").read_text())
     assert {"val_acc_colour", "val_chance_colour", "val_majority_shape"} <= set(summary)
+    # `mm-llama eval` on the run directory: the stage's own held-out evaluation, the same figures
+    from mm_llama.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(adapter_dir), "--task", "image_qa", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["image_qa.val_acc_colour"] == summary["val_acc_colour"]
+    assert evaluated["image_qa.val_majority_shape"] == summary["val_majority_shape"]
+    assert main(["eval", str(adapter_dir), "--task", "asr"]) == 1  # not a speech run: named, not attempted
+    assert "needs a run of objective 'speech_lm'" in capsys.readouterr().err
 
     anneal = stage("vision_anneal", root, tmp_path / "anneal", tile=42, init={"from": str(adapter_dir)})
     model = task_for(anneal).build_model()
