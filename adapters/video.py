@@ -4,14 +4,22 @@ Every frame goes through the image encoder; a perceiver resampler (Flamingo's, A
 then merges each group of `frames_per_group` consecutive frames into one aggregated frame:
 
     x       = frame tokens of the group + time_embedding[frame index in the video]   [G·tiles·tokens, dim]
+    gain    = (1 + time_gain[frame index]) · (1 + slot_gain[token slot])              [G·tiles·tokens, dim]
     latents = learned queries                                                          [n_latents, dim]
-    per layer:  latents += Attn(q = LN(latents), kv = LN([x; latents]))
+    per layer:  latents += Attn(q = LN(latents), kv = [LN(x) · gain; LN(latents)])
                 latents += FFN(LN(latents))
     out     = LN(latents)                                                              [n_latents, dim]
 
 Keys that are padding (tiles a frame does not use, frames beyond a video's end) are masked out; a group
 with no real frame is marked empty. The time embedding is indexed by the frame's position among the
 sampled frames, so it tells the latents both the order inside a group and which group they read.
+
+The gain is ours (not Flamingo's): a learned per-channel scale for every (frame, token slot) of the media
+keys and values. An attention-weighted sum of additively embedded tokens carries "what", "where" and
+"when" only as separate averages, so motion (where *at which* time) must wait for the attention to become
+selective, which it did not within a demo's budget. With the multiplicative gain even a uniform average is
+a slot- and time-specific linear map of the tokens (the temporal difference a linear probe reads motion
+from); see docs/ARCHITECTURE.md, Video.
 
 Visibility (as `<|image|>`, see `adapters.cross_attention.image_spans`): each `<|video|>` is visible from
 its own token up to the next `<|video|>`; text before the first one sees no video, and its rows get
@@ -42,11 +50,12 @@ class PerceiverLayer(nn.Module):
         self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ffn_mult * dim, bias=False), nn.GELU(),
                                  nn.Linear(ffn_mult * dim, dim, bias=False))
 
-    def forward(self, latents: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
-        """media_mask bool `[n, M]` (True = a real key) → latents `[n, L, dim]`."""
+    def forward(self, latents: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor,
+                gain: torch.Tensor) -> torch.Tensor:
+        """media_mask bool `[n, M]` (True = a real key), gain `[n or 1, M, dim]` → latents `[n, L, dim]`."""
         n, length, dim = latents.shape
         q_in = self.norm_latents(latents)
-        kv_in = torch.cat([self.norm_media(media), q_in], dim=1)
+        kv_in = torch.cat([self.norm_media(media) * gain, q_in], dim=1)
         keep = torch.cat([media_mask, media_mask.new_ones(n, length)], dim=1)  # latents always see themselves
 
         def heads(x):
@@ -61,17 +70,25 @@ class PerceiverLayer(nn.Module):
 class TemporalAggregator(nn.Module):
     """Frame tokens `[n, frames, tokens, dim]` → aggregated frames `[n, frames // frames_per_group, n_latents, dim]`.
 
-    `frames` must be a multiple of `frames_per_group` (pad with masked frames) and at most `max_frames`.
+    `frames` must be a multiple of `frames_per_group` (pad with masked frames) and at most `max_frames`;
+    `tokens` = `media_tokens` (max tiles × tokens per tile of the encoder).
     """
 
     def __init__(self, dim: int, *, frames_per_group: int, max_frames: int, n_latents: int, layers: int, heads: int,
-                 ffn_mult: int):
+                 ffn_mult: int, media_tokens: int):
         super().__init__()
-        self.frames_per_group, self.max_frames = frames_per_group, max_frames
+        self.frames_per_group, self.max_frames, self.media_tokens = frames_per_group, max_frames, media_tokens
         # Unit-scale initialisation as Flamingo's: a time embedding much smaller than the frame features would
         # leave the latents blind to frame order (motion) until it has grown.
         self.latents = nn.Parameter(torch.randn(n_latents, dim))
         self.time_embedding = nn.Parameter(torch.randn(max_frames, dim))
+        # Temporal-region init: half the channels ramp from muted at the first frame to doubled at the last, the
+        # other half the reverse, so even a uniform average holds "early" and "late" content apart; slot gains
+        # of ±50 % make that average slot-specific ("where when").
+        ramp = torch.linspace(-1.0, 1.0, max_frames)[:, None]
+        sign = torch.ones(dim).index_fill_(0, torch.arange(1, dim, 2), -1.0)
+        self.time_gain = nn.Parameter(ramp * sign)
+        self.slot_gain = nn.Parameter(0.5 * torch.randn(media_tokens, dim))
         self.layers = nn.ModuleList(PerceiverLayer(dim, heads, ffn_mult) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
 
@@ -82,14 +99,18 @@ class TemporalAggregator(nn.Module):
         g = self.frames_per_group
         if f % g or f > self.max_frames:
             raise ValueError(f"{f} frames: need a multiple of frames_per_group={g}, at most max_frames={self.max_frames}")
+        if tokens != self.media_tokens:
+            raise ValueError(f"frames have {tokens} tokens each, the aggregator was built for {self.media_tokens}")
         if token_mask.shape != frames.shape[:3]:
             raise ValueError(f"token_mask must be {list(frames.shape[:3])}, got {list(token_mask.shape)}")
         x = frames + self.time_embedding[:f, None].to(frames.dtype)
         x = x.reshape(n * (f // g), g * tokens, dim)
         mask = token_mask.reshape(n * (f // g), g * tokens)
+        gain = (1 + self.time_gain[:f, None]) * (1 + self.slot_gain)  # [F, tokens, dim]
+        gain = gain.to(frames.dtype).reshape(1, f // g, g * tokens, dim).expand(n, -1, -1, -1).reshape(x.shape)
         latents = self.latents.to(frames.dtype).expand(x.shape[0], -1, -1)
         for layer in self.layers:
-            latents = layer(latents, x, mask)
+            latents = layer(latents, x, mask, gain)
         out = self.norm(latents).view(n, f // g, -1, dim)
         return out, mask.any(-1).view(n, f // g)
 

@@ -23,7 +23,7 @@ VIDEO = VideoConfig(max_frames=8, frames_per_group=4, n_latents=3, video_token_i
 
 def aggregator(**kw) -> TemporalAggregator:
     torch.manual_seed(0)
-    args = dict(frames_per_group=4, max_frames=8, n_latents=3, layers=2, heads=4, ffn_mult=2) | kw
+    args = dict(frames_per_group=4, max_frames=8, n_latents=3, layers=2, heads=4, ffn_mult=2, media_tokens=5) | kw
     return TemporalAggregator(16, **args).eval()
 
 
@@ -63,6 +63,37 @@ def test_aggregator_ignores_masked_tokens_and_marks_empty_groups():
         agg(torch.randn(1, 6, 5, 16), torch.ones(1, 6, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_frames"):
         agg(torch.randn(1, 12, 5, 16), torch.ones(1, 12, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="built for 5"):
+        agg(torch.randn(1, 8, 6, 16), torch.ones(1, 8, 6, dtype=torch.bool))
+
+
+def test_aggregator_gain_scales_keys_and_values_per_frame_and_slot():
+    """The media the latents read is LN(frame tokens + time embedding) · (1 + time_gain[t]) · (1 + slot_gain[p])."""
+    agg = aggregator(layers=1)
+    frames = torch.randn(2, 8, 5, 16)
+    mask = torch.ones(2, 8, 5, dtype=torch.bool)
+    out, _ = agg(frames, mask)
+    layer = agg.layers[0]
+    x = (frames + agg.time_embedding[:, None]).reshape(4, 20, 16)
+    gain = ((1 + agg.time_gain[:, None]) * (1 + agg.slot_gain)).reshape(2, 20, 16).repeat(2, 1, 1)
+    latents = agg.latents.expand(4, -1, -1)
+    q_in = layer.norm_latents(latents)
+    kv = torch.cat([layer.norm_media(x) * gain, q_in], 1)
+    k, v = layer.wkv(kv).chunk(2, -1)
+    heads = lambda t: t.view(4, t.shape[1], 4, 4).transpose(1, 2)
+    attn = torch.softmax(heads(layer.wq(q_in)) @ heads(k).transpose(-1, -2) / 2.0, -1) @ heads(v)
+    latents = latents + layer.wo(attn.transpose(1, 2).reshape(4, 3, 16))
+    expected = agg.norm(latents + layer.ffn(latents)).view(2, 2, 3, 16)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # a slot's gain changes what the latents read from that slot only when the slot is real
+    with torch.no_grad():
+        agg.slot_gain[4] += 1.0
+    assert not torch.allclose(agg(frames, mask)[0], out)
+    mask[:, :, 4] = False
+    before, _ = agg(frames, mask)
+    with torch.no_grad():
+        agg.slot_gain[4] -= 3.0
+    assert torch.allclose(agg(frames, mask)[0], before, atol=1e-6)
 
 
 def test_frame_token_mask_and_time_resize():

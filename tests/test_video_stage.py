@@ -124,7 +124,7 @@ def test_video_stage_end_to_end_and_resume(root, image_model, tmp_path):
     assert flat["video_adapter.video_qa_accuracy_motion_baseline"] == summary["val_video_majority_motion"]
     assert not any("chance" in k or "majority" in k for k in flat)
 
-    # a later video stage starts from this one: every weight, the time embedding resized to more frames
+    # a later video stage starts from this one: every weight, the time tables resized to more frames
     longer = stage(root, tmp_path / "sft", out)
     longer = longer.model_copy(update={"model": ModelConfig.model_validate(
         {**tiny_model(), "video": {"max_frames": 16, "frames_per_group": 8, "n_latents": 4}})})
@@ -133,6 +133,11 @@ def test_video_stage_end_to_end_and_resume(root, image_model, tmp_path):
     assert model.video_aggregator.time_embedding.shape == (16, 32)
     assert torch.equal(model.video_aggregator.time_embedding[0], table[0])
     assert torch.allclose(model.video_aggregator.time_embedding[-1], table[-1])
+    gain = final["video_aggregator.time_gain"]
+    assert model.video_aggregator.time_gain.shape == (16, 32)
+    assert torch.equal(model.video_aggregator.time_gain[0], gain[0])
+    assert torch.allclose(model.video_aggregator.time_gain[-1], gain[-1])
+    assert torch.equal(model.video_aggregator.slot_gain, final["video_aggregator.slot_gain"])
 
 
 def test_video_stage_input_errors(root, image_model, tmp_path):

@@ -21,7 +21,7 @@ class VideoConfig(BaseModel):
 
     UNCONFIRMED in the paper, our choices: `n_latents` 64 (Flamingo's count), the aggregator's width =
     the LM's (the encoder already projects into it), `aggregator_layers` 1 and `aggregator_ffn_mult` 4. With
-    those, the video parameters of the Llama 3 8B shape come to 0.64B (paper: 0.6B) — see docs/ARCHITECTURE.md.
+    those, the video parameters of the Llama 3 8B shape come to 0.65B (paper: 0.6B) — see docs/ARCHITECTURE.md.
     """
 
     model_config = ConfigDict(extra="forbid")

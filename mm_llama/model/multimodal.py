@@ -79,7 +79,8 @@ class MultimodalModel(nn.Module):
             self.video_aggregator = TemporalAggregator(
                 args.dim, frames_per_group=video.frames_per_group, max_frames=video.max_frames,
                 n_latents=video.n_latents, layers=video.aggregator_layers,
-                heads=video.aggregator_heads or args.n_heads, ffn_mult=video.aggregator_ffn_mult)
+                heads=video.aggregator_heads or args.n_heads, ffn_mult=video.aggregator_ffn_mult,
+                media_tokens=vision.encoder.max_num_tiles * vision.encoder.tokens_per_tile)
             layers = video.layers_for(sorted(map(int, self.cross_attention)), args.n_layers)
             self.video_cross_attention = nn.ModuleDict(
                 {str(i): CrossAttentionBlock(args, vision.mask_attention_rows) for i in layers})

@@ -2,7 +2,7 @@
 
 The model is `MultimodalModel(model.lm, model.vision, model.video)`. `init.from` is an image stage (its
 every weight; the aggregator and the video cross-attention start fresh, gates at zero, so the model starts
-as the image model exactly) or an earlier video stage (every weight; the aggregator's time embedding is
+as the image model exactly) or an earlier video stage (every weight; the aggregator's time embedding and time gain are
 resized linearly when `model.video.max_frames` changed, e.g. 16 frames in pre-training → 64 in SFT). The
 stage configs train only `video_aggregator.*` and `video_cross_attention.*`, as the paper does.
 
@@ -35,7 +35,7 @@ from .text_lm import load_init
 from .vision_lm import ChatExample, ChatExamples, answer_accuracy, load_composed, load_encoder, model_folder
 
 VIDEO_PARTS = ("video_aggregator.", "video_cross_attention.")
-TIME_EMBEDDING = "video_aggregator.time_embedding"
+TIME_TABLES = ("video_aggregator.time_embedding", "video_aggregator.time_gain")
 
 
 class VideoLMOptions(BaseModel):
@@ -86,10 +86,11 @@ class CollateVideoChat:
 
 
 def load_video_start(model: MultimodalModel, folder: Path) -> None:
-    """`init.from` a composed model: an image model (video parts stay fresh) or a video model (time table resized)."""
+    """`init.from` a composed model: an image model (video parts stay fresh) or a video model (time tables resized)."""
     state = read_safetensors(folder / MODEL_SAFETENSORS)
-    if TIME_EMBEDDING in state:
-        state[TIME_EMBEDDING] = resize_time_embedding(state[TIME_EMBEDDING], model.video_config.max_frames)
+    for name in TIME_TABLES:
+        if name in state:
+            state[name] = resize_time_embedding(state[name], model.video_config.max_frames)
     load_composed(model, folder, fresh=VIDEO_PARTS, state=state)
 
 
