@@ -17,7 +17,9 @@ Media live in the same sample as the record and are referenced from the messages
 (`<key>.jpg`); without `member`, the sample's only member of that kind. A part naming a member the
 sample lacks makes the record skipped and counted. A loader given `decode_media` hands each media
 part's member to it (in message order) and keeps what it returns on the example (`media`); without
-it, a dialog holding media is skipped and counted (a text model cannot read it).
+it, a dialog holding media is skipped and counted (a text model cannot read it). A packed SFT row
+keeps each dialog's images beside it (`SFTBatch.images`, `image_docs`), so a dialog sees its own only.
+An SFT loader may also read rankings as dialogs (`rankings=True`): the prompt and its best response.
 
 Loaders run in the training process (dialogs are small JSON records; tokenising them is cheap) and
 reuse the text pipeline's seeded walk over shards and weighted mix (`text_stream`, `mixing`). Their
@@ -133,6 +135,12 @@ def parse_dialog(record: Any, media_ok: bool = False) -> list[dict]:
     if not media_ok and _media(messages):
         raise SkipSample("the dialog holds media parts; a text model cannot read them")
     return list(messages)
+
+
+def ranking_dialog(record: Any, media_ok: bool = False) -> list[dict]:
+    """A preference record as an SFT dialog: its prompt and its best response (the assistant turn)."""
+    ranking = parse_ranking(record, media_ok)
+    return [*ranking.prompt, ranking.responses[0]]
 
 
 def parse_ranking(record: Any, media_ok: bool = False) -> Ranking:
@@ -353,42 +361,69 @@ class _LoaderBase:
 
 @dataclass
 class SFTBatch:
-    """Packed dialogs. `tokens`, `labels` (-100: no loss), `doc_ids`: LongTensor `[batch, seq]`."""
+    """Packed dialogs. `tokens`, `labels` (-100: no loss), `doc_ids`: LongTensor `[batch, seq]`.
+
+    With images (an image model's batch holding any): `images` `[batch, n_images, max_tiles, 3, S, S]`,
+    `aspect_ratios` `[batch, n_images, 2]` (each row's images in `<|image|>` order, (0, 0): empty slot) and
+    `image_docs` `[batch, n_images]`, the `doc_ids` value of the dialog each image belongs to (-1: empty)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     doc_ids: torch.Tensor
+    images: torch.Tensor | None = None
+    aspect_ratios: torch.Tensor | None = None
+    image_docs: torch.Tensor | None = None
 
     def to(self, device) -> "SFTBatch":
-        return SFTBatch(self.tokens.to(device), self.labels.to(device), self.doc_ids.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SFTBatch(*(move(getattr(self, f)) for f in ("tokens", "labels", "doc_ids", "images",
+                                                            "aspect_ratios", "image_docs")))
 
 
-def dialog_example(dialog) -> tuple[list[int], list[int]]:
-    """An `EncodedDialog` as next-token `(inputs, labels)`: labels only where the target is assistant output."""
+@dataclass
+class DialogExample:
+    """One encoded dialog as next-token `inputs` and `labels` (-100 off assistant output), and its decoded media."""
+
+    inputs: list[int]
+    labels: list[int]
+    media: list = field(default_factory=list)
+
+
+def dialog_example(dialog, media: list | None = None) -> DialogExample:
+    """An `EncodedDialog` as a `DialogExample`: labels only where the target is assistant output."""
     inputs = dialog.tokens[:-1]
     labels = [t if m else IGNORE for t, m in zip(dialog.tokens[1:], dialog.loss_mask[1:])]
-    return inputs, labels
+    return DialogExample(inputs, labels, list(media or []))
 
 
-def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> SFTBatch:
-    """Whole dialogs side by side in rows of `seq_len`: one row per list entry of `examples` groups.
+def pack_rows(examples: list[list[DialogExample]], seq_len: int, pad_id: int, max_tiles: int = 0) -> SFTBatch:
+    """Whole dialogs side by side in rows of `seq_len`: one row per list entry of `examples`.
 
-    `examples` is a list of rows, each a list of (inputs, labels); the rest of a row is padding with
-    its own document id and no labels. `doc_ids` number the dialogs of a row, so attention stays inside
-    a dialog and positions restart at each.
+    The rest of a row is padding with its own document id and no labels. `doc_ids` number the dialogs
+    of a row, so attention stays inside a dialog and positions restart at each. With `max_tiles`, the
+    dialogs' images are stacked per row with that many tile slots, each tagged with its dialog's id.
     """
     tokens = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), seq_len), IGNORE, dtype=torch.long)
     doc_ids = torch.empty((len(examples), seq_len), dtype=torch.long)
     for r, row in enumerate(examples):
         at = 0
-        for d, (inp, lab) in enumerate(row):
-            tokens[r, at:at + len(inp)] = torch.tensor(inp)
-            labels[r, at:at + len(lab)] = torch.tensor(lab)
-            doc_ids[r, at:at + len(inp)] = d
-            at += len(inp)
+        for d, e in enumerate(row):
+            tokens[r, at:at + len(e.inputs)] = torch.tensor(e.inputs)
+            labels[r, at:at + len(e.labels)] = torch.tensor(e.labels)
+            doc_ids[r, at:at + len(e.inputs)] = d
+            at += len(e.inputs)
         doc_ids[r, at:] = len(row)
-    return SFTBatch(tokens, labels, doc_ids)
+    if not max_tiles or not any(e.media for row in examples for e in row):
+        return SFTBatch(tokens, labels, doc_ids)
+    from encoders.vision.transform import stack_images
+
+    images, ratios = stack_images([[(t.tiles, t.grid) for e in row for t in e.media] for row in examples], max_tiles)
+    image_docs = torch.full(ratios.shape[:2], -1, dtype=torch.long)
+    for r, row in enumerate(examples):
+        owners = [d for d, e in enumerate(row) for _ in e.media]
+        image_docs[r, :len(owners)] = torch.tensor(owners, dtype=torch.long)
+    return SFTBatch(tokens, labels, doc_ids, images, ratios, image_docs)
 
 
 @dataclass
@@ -396,26 +431,39 @@ class SFTLoader(_LoaderBase):
     """Endless packed SFT batches `[batch_size, seq_len]`: whole dialogs, loss on assistant tokens only.
 
     Dialogs are placed greedily in stream order; one that does not fit ends the row (padded) and opens
-    the next. A dialog longer than a row is skipped and counted.
+    the next. A dialog longer than a row is skipped and counted. With `decode_media` (an image model:
+    `ImageParts`) dialogs keep their images and batches carry them (`max_tiles` slots per image);
+    `rankings`: the records are preference rankings, each read as its prompt and best response.
     """
 
     chat: Any = None
     seq_len: int = 0
     batch_size: int = 0
+    decode_media: Callable[[str, str, bytes], Any] | None = None
+    max_tiles: int = 0
+    rankings: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {self.seq_len} and {self.batch_size}")
+        if self.decode_media is not None and self.max_tiles < 1:
+            raise ValueError("an SFT loader that decodes media needs max_tiles >= 1 (the encoder's tile slots)")
 
-    def encode(self, record: Record, n: int) -> tuple[list[int], list[int]]:
+    def encode(self, record: Record, n: int) -> DialogExample:
+        media_ok = self.decode_media is not None
+        parse = ranking_dialog if self.rankings else parse_dialog
+        messages = parse(read_record(record.text), media_ok=media_ok)
         try:
-            dialog = self.chat.encode_dialog(parse_dialog(read_record(record.text)))
+            dialog = self.chat.encode_dialog(messages)
         except ValueError as e:
             raise SkipSample(str(e)) from None
         if len(dialog) - 1 > self.seq_len:
             raise SkipSample(f"the dialog has {len(dialog)} tokens, more than a row of {self.seq_len} + 1")
-        return dialog_example(dialog)
+        return dialog_example(dialog, resolve_media(messages, record.media, self.decode_media))
+
+    def pack(self, rows: list[list[DialogExample]]) -> SFTBatch:
+        return pack_rows(rows, self.seq_len, self.chat.tokenizer.pad_id, self.max_tiles)
 
     def __iter__(self) -> Iterator[SFTBatch]:
         stream, counters = self._stream(self.encode)
@@ -423,12 +471,12 @@ class SFTLoader(_LoaderBase):
             rows, documents = [], 0
             for _ in range(self.batch_size):
                 row, used = [], 0
-                while used + len(stream.peek()[0]) <= self.seq_len:
+                while used + len(stream.peek().inputs) <= self.seq_len:
                     row.append(stream.take())
-                    used += len(row[-1][0])
+                    used += len(row[-1].inputs)
                 rows.append(row)
                 documents += len(row)
-            batch = pack_rows(rows, self.seq_len, self.chat.tokenizer.pad_id)
+            batch = self.pack(rows)
             counters.documents += documents
             counters.tokens += batch.tokens.numel()
             counters.trained_labels += int((batch.labels != IGNORE).sum())
@@ -436,12 +484,12 @@ class SFTLoader(_LoaderBase):
             yield batch
 
 
-def sft_heldout(cfg: DataConfig, chat, seq_len: int, batch_size: int, max_batches: int) -> list[SFTBatch]:
-    """Fixed held-out SFT batches from `cfg.heldout` (one dialog per row, so every dialog counts once)."""
-    loader = SFTLoader(cfg, 0, chat=chat, seq_len=seq_len, batch_size=batch_size)
+def sft_heldout(cfg: DataConfig, chat, seq_len: int, batch_size: int, max_batches: int, **media) -> list[SFTBatch]:
+    """Fixed held-out SFT batches from `cfg.heldout` (one dialog per row, so every dialog counts once);
+    `media`: the loader's `decode_media`, `max_tiles` and `rankings` settings."""
+    loader = SFTLoader(cfg, 0, chat=chat, seq_len=seq_len, batch_size=batch_size, **media)
     examples = heldout_records(cfg, loader.encode, max_batches * batch_size)
-    return [pack_rows([[e] for e in examples[i:i + batch_size]], seq_len, chat.tokenizer.pad_id)
-            for i in range(0, len(examples), batch_size)]
+    return [loader.pack([[e] for e in examples[i:i + batch_size]]) for i in range(0, len(examples), batch_size)]
 
 
 @dataclass

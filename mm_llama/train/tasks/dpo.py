@@ -20,6 +20,10 @@ see `mm_llama.post.ema`); its weights ride in the data-loader state of each chec
 run continues exactly. Metrics, always against the *starting* reference (so "does the policy now
 prefer the better answer" keeps one meaning with or without EMA): the implicit reward
 β·(log π − log π_ref) of the better and worse responses, their margin, and how often it is positive.
+
+Vision DPO (SPEC §4.2): with a `model.vision` section policy and reference are composed image–text
+models; each response row carries its prompt's images, so every log-prob is computed with them. The
+paper trains the adapters (the stage's `train.trainable`) and moves the reference by EMA.
 """
 from __future__ import annotations
 
@@ -39,9 +43,8 @@ from ...data.accounting import Counters
 from ...data.text_stream import SkipSample
 from ...post.ema import EMAReference
 from .base import register
-from .post_base import PostTask, PreferenceOptions
+from .post_base import PostTask, PreferenceOptions, lm_blocks
 from .reward import ranking_pairs
-from .sft import lm_from_state
 
 
 class EMAOptions(BaseModel):
@@ -72,7 +75,9 @@ class DPOOptions(PreferenceOptions):
 class PairBatch:
     """One row per response: tokens, labels `[rows, seq]` (labels -100 outside the response's counted
     tokens); better, worse, best `[pairs]` row indices (best: the pair's ranking's first response);
-    reference `[rows]` stored log-probs or None; index: the batch's number in its loader (None: held out)."""
+    reference `[rows]` stored log-probs or None; index: the batch's number in its loader (None: held out);
+    images `[rows, n_images, tiles, 3, S, S]`, aspect_ratios `[rows, n_images, 2]`: each row's prompt's
+    images, or None (no image in the batch)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -81,10 +86,19 @@ class PairBatch:
     best: torch.Tensor
     reference: torch.Tensor | None = None
     index: int | None = None
+    images: torch.Tensor | None = None
+    aspect_ratios: torch.Tensor | None = None
+
+    def media_inputs(self, device) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for this batch's images (none for a text batch)."""
+        if self.images is None:
+            return {}
+        return {"images": self.images.to(device), "aspect_ratios": self.aspect_ratios.to(device)}
 
 
-def collate_pairs(examples: list[EncodedRanking], pad_id: int) -> PairBatch:
-    """prompt + response per row, right-padded to the longest row."""
+def collate_pairs(examples: list[EncodedRanking], pad_id: int, max_tiles: int = 0) -> PairBatch:
+    """prompt + response per row, right-padded to the longest row; with `max_tiles`, each row also holds its
+    prompt's images (stacked with that many tile slots)."""
     rows, labels, better, worse, best, reference = [], [], [], [], [], []
     stored = all(e.reference_logps is not None for e in examples)
     for e in examples:
@@ -102,8 +116,15 @@ def collate_pairs(examples: list[EncodedRanking], pad_id: int) -> PairBatch:
             reference += list(e.reference_logps)
     t = max(map(len, rows))
     pad = lambda xs, v: torch.tensor([x + [v] * (t - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
+    images = ratios = None
+    if max_tiles and any(e.media for e in examples):
+        from encoders.vision.transform import stack_images
+
+        images, ratios = stack_images([[(m.tiles, m.grid) for m in e.media] for e in examples
+                                       for _ in e.responses], max_tiles)
     return PairBatch(pad(rows, pad_id), pad(labels, IGNORE), torch.tensor(better), torch.tensor(worse),
-                     torch.tensor(best), torch.tensor(reference, dtype=torch.float64) if stored else None)
+                     torch.tensor(best), torch.tensor(reference, dtype=torch.float64) if stored else None,
+                     images=images, aspect_ratios=ratios)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +213,13 @@ class DPO(PostTask):
         self._ema = None
 
     def build_model(self):
-        return lm_from_state(self.cfg.model.lm, self.start_state(), self.cfg.run.seed)
+        return self.model_from_state(self.start_state())
+
+    def blocks(self, model):
+        return lm_blocks(model)
+
+    def _reference_source(self) -> str | None:
+        return self.opts.reference_from or self.cfg.init.from_
 
     def _reference_state(self) -> dict:
         if self.opts.reference_from is not None:
@@ -204,7 +231,7 @@ class DPO(PostTask):
     def reference_model(self, device):
         """The frozen starting reference: `reference_from`, else a copy of the starting weights (loaded again)."""
         if self._reference is None:
-            ref = lm_from_state(self.cfg.model.lm, self._reference_state(), self.cfg.run.seed)
+            ref = self.model_from_state(self._reference_state(), self._reference_source())
             self._reference = ref.requires_grad_(False).eval()
         return self._reference.to(device=device)
 
@@ -214,18 +241,18 @@ class DPO(PostTask):
         if self.opts.reference_ema is not None and self._ema is None:
             from ...post.ema import EMAReference
 
-            model = lm_from_state(self.cfg.model.lm, self._reference_state(), self.cfg.run.seed)
+            model = self.model_from_state(self._reference_state(), self._reference_source())
             self._ema = EMAReference(model, self.opts.reference_ema.every, self.opts.reference_ema.decay)
         return self._ema
 
     def _loader(self, seq_len, batch_size, rank, world_size):
         return PreferenceLoader(self.cfg.data, self.cfg.run.seed, rank, world_size, chat=self.chat,
                                 batch_size=batch_size, max_tokens=seq_len + 1, strengths=tuple(self.opts.strengths),
-                                mask_formatting=self.opts.mask_formatting)
+                                mask_formatting=self.opts.mask_formatting, decode_media=self.image_parts())
 
     def loader(self, seq_len, batch_size, rank, world_size):
         loader = self._loader(seq_len, batch_size, rank, world_size)
-        loader.collate = lambda ex: collate_pairs(ex, self.chat.tokenizer.pad_id)
+        loader.collate = lambda ex: collate_pairs(ex, self.chat.tokenizer.pad_id, self.max_tiles)
         return NumberedBatches(loader, self.ema)
 
     def count(self, batch) -> int:
@@ -233,8 +260,8 @@ class DPO(PostTask):
 
     def terms(self, model, batch, device, reference_model=None) -> dict[str, torch.Tensor]:
         """DPO terms per pair; the reference is `reference_model`, the stored log-probs, or the starting model."""
-        tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-        policy, counts = sequence_logps(model(tokens), labels)
+        tokens, labels, media = batch.tokens.to(device), batch.labels.to(device), batch.media_inputs(device)
+        policy, counts = sequence_logps(model(tokens, **media), labels)
         if reference_model is None and self.opts.reference == "stored":
             if batch.reference is None:
                 raise ValueError("train.options.reference is 'stored' but a record has no 'reference_logps' "
@@ -242,7 +269,8 @@ class DPO(PostTask):
             reference = batch.reference.to(device=device, dtype=policy.dtype)
         else:
             with torch.no_grad():
-                reference, _ = sequence_logps((reference_model or self.reference_model(device))(tokens), labels)
+                reference, _ = sequence_logps((reference_model or self.reference_model(device))(tokens, **media),
+                                              labels)
         nll_rows = batch.best.to(device) if self.opts.nll_on == "best" else None
         return dpo_terms(policy, reference, counts, batch.better.to(device), batch.worse.to(device),
                          self.opts.beta, self.opts.nll_weight, nll_rows)
@@ -263,7 +291,8 @@ class DPO(PostTask):
         enc = self._loader(seq_len, batch_size, 0, 1).encode
         examples = heldout_records(self.cfg.data, enc, self.cfg.train.eval_batches * batch_size)
         pad = self.chat.tokenizer.pad_id
-        return [collate_pairs(examples[i:i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+        return [collate_pairs(examples[i:i + batch_size], pad, self.max_tiles)
+                for i in range(0, len(examples), batch_size)]
 
     def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
         """`val_loss` per pair, `val_reward_accuracy` (better response's implicit reward higher),
@@ -310,8 +339,9 @@ def store_reference_logps(task: DPO, out_dir: str | Path, device: str = "cpu") -
                     except SkipSample:  # copied as it is: training skips it the same way
                         sink.write(members)
                         continue
-                    batch = collate_pairs([example], task.chat.tokenizer.pad_id)
-                    logps, _ = sequence_logps(model(batch.tokens.to(device)), batch.labels.to(device))
+                    batch = collate_pairs([example], task.chat.tokenizer.pad_id, task.max_tiles)
+                    logps, _ = sequence_logps(model(batch.tokens.to(device), **batch.media_inputs(device)),
+                                              batch.labels.to(device))
                     members["json"] = {**json.loads(record.text), "reference_logps": logps.tolist()}
                     sink.write(members)
             written.append(path)

@@ -1,12 +1,55 @@
-"""What the post-training tasks (SFT, reward model, DPO) share: the chat format, starting weights, options."""
+"""What the post-training tasks (SFT, reward model, DPO) share: the chat format, starting weights, options.
+
+A stage whose model config has a `vision:` section trains the composed image–text model
+(`MultimodalModel`): its dialogs keep their images (`ImageParts` tiles them for the encoder) and
+`init.from` is a composed model (e.g. the vision annealing stage) or, for fresh vision parts, an LM.
+"""
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 
 from ...config import ConfigError
-from ...data.dialog import STRENGTHS
+from ...data.dialog import STRENGTHS, ImageParts
+from ...model import Transformer, init_weights
+from ...model.multimodal import MultimodalModel
 from ...text import ChatFormat
 from .base import Task
+
+
+def lm_from_state(args, state: dict | None, seed: int) -> Transformer:
+    """A `Transformer` holding `state` (an LM's Meta keys), or freshly initialised when None."""
+    model = Transformer(args)
+    if state is None:
+        init_weights(model, torch.Generator().manual_seed(seed))
+    else:
+        model.load_state_dict(state, strict=not args.tie_embeddings)
+    return model
+
+
+def composed_from_state(model_cfg, state: dict | None, seed: int, source: str | None) -> MultimodalModel:
+    """A `MultimodalModel` holding `state`: a composed model's keys (every weight; the encoder's positional
+    tables resized to this tile size), or an LM's (the vision parts new, the `<|image|>` row from the LM's);
+    None: fresh (the LM as `init_weights` draws it, seeded). `source` names where `state` came from, in errors."""
+    from .vision_lm import load_composed
+
+    torch.manual_seed(seed)
+    model = MultimodalModel(model_cfg.lm, model_cfg.vision)
+    if state is not None and any(k.startswith("vision.") for k in state):
+        load_composed(model, Path(str(source)), state=state)
+    else:
+        model.lm.load_state_dict(lm_from_state(model_cfg.lm, state, seed).state_dict())
+        with torch.no_grad():
+            model.image_embedding.weight[0].copy_(model.lm.tok_embeddings.weight[model.image_token_id])
+    return model
+
+
+def lm_blocks(model: nn.Module) -> list[nn.Module]:
+    """The LM's layers: what activation checkpointing and compilation wrap, text or composed model."""
+    return list(model.lm.layers) if isinstance(model, MultimodalModel) else list(getattr(model, "layers", []))
 
 
 class PostOptions(BaseModel):
@@ -60,8 +103,29 @@ class PostTask(Task):
             self._chat = ChatFormat(self.tokenizer)
         return self._chat
 
+    @property
+    def max_tiles(self) -> int:
+        """Tile slots of the vision encoder (0: a text model)."""
+        return self.cfg.model.vision.encoder.max_num_tiles if self.cfg.model.vision is not None else 0
+
+    def image_parts(self) -> ImageParts | None:
+        """The loaders' `decode_media`: tiles for the vision encoder, or None (a text model skips media)."""
+        vision = self.cfg.model.vision
+        return ImageParts(vision.encoder.tile_size, vision.encoder.max_num_tiles) if vision is not None else None
+
+    def model_from_state(self, state: dict | None, source: str | None = None) -> nn.Module:
+        """The stage's model holding `state`: an LM, or the composed image–text model (`vision:` section)."""
+        if self.cfg.model.vision is None:
+            return lm_from_state(self.cfg.model.lm, state, self.cfg.run.seed)
+        return composed_from_state(self.cfg.model, state, self.cfg.run.seed, source or self.cfg.init.from_)
+
     def check(self) -> None:
         self.check_data()
+        vision = self.cfg.model.vision
+        if vision is not None and vision.image_token_for(self.cfg.model.lm.vocab_size) != self.tokenizer.image_id:
+            raise ConfigError(f"model.vision.image_token_id is {vision.image_token_for(self.cfg.model.lm.vocab_size)} "
+                              f"but the tokenizer's <|image|> is {self.tokenizer.image_id} "
+                              f"({self.cfg.data.tokenizer_path})")
 
     def start_state(self) -> dict | None:
         """The starting weights: `init.from`, or its average with `average_with`; None: random init."""

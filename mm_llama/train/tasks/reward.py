@@ -27,7 +27,7 @@ from ...data.dialog import EncodedRanking, ImageParts, PreferenceLoader, example
 from ...model.reward import RewardModel, VisionRewardModel, is_reward_state
 from .base import register
 from .post_base import PostTask, PreferenceOptions
-from .sft import lm_from_state
+from .post_base import lm_from_state
 
 PAD_SEGMENT = -1
 

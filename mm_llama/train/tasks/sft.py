@@ -2,45 +2,87 @@
 
 Dialogs are packed whole into rows with document ids, so a dialog never attends to another and its
 positions start at 0; the loss covers assistant content and its terminator, never prompts or headers.
+
+Image SFT (SPEC §4.2): with a `model.vision` section the model is the composed image–text model and
+each dialog keeps its images; a text token sees the images of its own dialog only (those whose
+`<|image|>` precedes it, as in `MultimodalModel`), never a neighbour's in the packed row. The paper
+trains the vision encoder and adapter with the LM frozen (the stage's `train.trainable`) and swaps in
+the instruct LM (`train.options.lm_from`). `train.options.rankings: true` reads preference rankings as
+dialogs: the prompt and its best response.
 """
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from ...data.dialog import IGNORE, SFTLoader, sft_heldout
-from ...model import Transformer, init_weights
+from adapters.cross_attention import vision_mask
+
+from ...config import ConfigError
+from ...data.dialog import IGNORE, SFTBatch, SFTLoader, sft_heldout
 from ..losses import lm_loss_sum
 from .base import register
-from .post_base import PostTask
+from .post_base import PostOptions, PostTask, lm_blocks, lm_from_state
+
+__all__ = ["SFT", "lm_from_state", "own_images_mask"]
 
 
-def lm_from_state(args, state: dict | None, seed: int) -> Transformer:
-    """A `Transformer` holding `state` (an LM's Meta keys), or freshly initialised when None."""
-    model = Transformer(args)
-    if state is None:
-        init_weights(model, torch.Generator().manual_seed(seed))
-    else:
-        model.load_state_dict(state, strict=not args.tie_embeddings)
-    return model
+class SFTOptions(PostOptions):
+    rankings: bool = Field(False, description="the sources hold preference rankings: train on prompt + best response")
+    lm_from: str | None = Field(None, description="image SFT: the LM (instruct model) whose weights replace the "
+                                "composed model's LM")
+
+
+def own_images_mask(batch: SFTBatch, image_id: int, max_tiles: int) -> torch.Tensor:
+    """bool `[batch, seq, n_images, max_tiles]`: the tiles each position sees, limited to its own dialog's images."""
+    seen = vision_mask(batch.tokens, image_id, batch.aspect_ratios, max_tiles)
+    same = batch.doc_ids[:, :, None] == batch.image_docs[:, None, :]
+    return seen & same[..., None]
 
 
 @register("sft")
 class SFT(PostTask):
+    option_schema = SFTOptions
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if self.opts.lm_from is not None and cfg.model.vision is None:
+            raise ConfigError(f"stage '{cfg.name}': train.options.lm_from is for image SFT (a model with a vision: "
+                              "section)")
+
     def build_model(self):
-        return lm_from_state(self.cfg.model.lm, self.start_state(), self.cfg.run.seed)
+        model = self.model_from_state(self.start_state())
+        if self.opts.lm_from is not None:
+            from ...post.average import read_model
+
+            state, config = read_model(self.opts.lm_from)
+            if config.lm != self.cfg.model.lm:
+                raise ConfigError(f"train.options.lm_from {self.opts.lm_from}: its LM differs from model.lm")
+            model.lm.load_state_dict(state, strict=not config.lm.tie_embeddings)
+        return model
+
+    def blocks(self, model):
+        return lm_blocks(model)
+
+    def _media(self) -> dict:
+        return {"decode_media": self.image_parts(), "max_tiles": self.max_tiles, "rankings": self.opts.rankings}
 
     def loader(self, seq_len, batch_size, rank, world_size):
         return SFTLoader(self.cfg.data, self.cfg.run.seed, rank, world_size, chat=self.chat, seq_len=seq_len,
-                         batch_size=batch_size)
+                         batch_size=batch_size, **self._media())
 
     def count(self, batch) -> int:
         return int((batch.labels != IGNORE).sum())
 
-    def loss(self, model, batch, device) -> torch.Tensor:
-        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device))
+    def loss(self, model, batch: SFTBatch, device) -> torch.Tensor:
+        media = {}
+        if batch.images is not None:
+            mask = own_images_mask(batch, self.tokenizer.image_id, self.max_tiles)
+            media = {"images": batch.images.to(device), "aspect_ratios": batch.aspect_ratios.to(device),
+                     "vision_mask": mask.to(device)}
+        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device), **media)
         return lm_loss_sum(logits, batch.labels.to(device))
 
     def heldout(self, seq_len, batch_size) -> list:
         if not self.cfg.data.heldout or not self.cfg.train.eval_batches:
             return []
-        return sft_heldout(self.cfg.data, self.chat, seq_len, batch_size, self.cfg.train.eval_batches)
+        return sft_heldout(self.cfg.data, self.chat, seq_len, batch_size, self.cfg.train.eval_batches, **self._media())
