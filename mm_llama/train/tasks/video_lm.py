@@ -29,10 +29,11 @@ from ...config import ConfigError, ModelConfig, load_config
 from ...data.demo_video import ANSWERS
 from ...data.video import Clip, VideoLoader, collate_videos, heldout_video_examples
 from ...model.multimodal import MultimodalModel
-from ..losses import IGNORE, lm_loss_sum
-from .base import Task, register
+from ..losses import IGNORE
+from .base import register
 from .text_lm import load_init
-from .vision_lm import ChatExample, ChatExamples, answer_accuracy, load_composed, load_encoder, model_folder
+from .vision_lm import (ChatExample, ChatExamples, MediaChatTask, answer_accuracy, load_composed, load_encoder,
+                        model_folder)
 
 VIDEO_PARTS = ("video_aggregator.", "video_cross_attention.")
 TIME_TABLES = ("video_aggregator.time_embedding", "video_aggregator.time_gain")
@@ -95,7 +96,7 @@ def load_video_start(model: MultimodalModel, folder: Path) -> None:
 
 
 @register("video_lm")
-class VideoLM(Task):
+class VideoLM(MediaChatTask):
     """Trains the video adapter (aggregator + video cross-attention) of `MultimodalModel` on video–text turns."""
 
     def __init__(self, cfg):
@@ -144,16 +145,6 @@ class VideoLM(Task):
         return VideoLoader(self.cfg.data, self._examples(seq_len), self._collate(), batch_size=batch_size,
                            seed=self.cfg.run.seed, tile_size=self.encoder.tile_size, max_tiles=self.encoder.max_num_tiles,
                            max_frames=self.video.max_frames, rank=rank, world_size=world_size)
-
-    def count(self, batch: VideoBatch) -> int:
-        return int((batch.labels != IGNORE).sum())
-
-    def loss(self, model, batch: VideoBatch, device) -> torch.Tensor:
-        logits = model(batch.tokens.to(device), **batch.media_inputs(device))
-        return lm_loss_sum(logits, batch.labels.to(device))
-
-    def batch_tokens(self, batch: VideoBatch) -> int:
-        return batch.tokens.numel()
 
     def heldout(self, seq_len, batch_size) -> list:
         """Every question of the held-out clips, up to `train.eval_batches` batches."""

@@ -221,8 +221,23 @@ class CollateChat:
         return ChatBatch(tokens, labels, images, ratios, [e.kind for e in examples], [e.answer for e in examples])
 
 
+class MediaChatTask(Task):
+    """What the image and video stages share: chat batches whose answer tokens carry the loss, media passed by
+    the batch's `media_inputs`."""
+
+    def count(self, batch) -> int:
+        return int((batch.labels != IGNORE).sum())
+
+    def loss(self, model, batch, device) -> torch.Tensor:
+        logits = model(batch.tokens.to(device), **batch.media_inputs(device))
+        return lm_loss_sum(logits, batch.labels.to(device))
+
+    def batch_tokens(self, batch) -> int:
+        return batch.tokens.numel()
+
+
 @register("vision_lm")
-class VisionLM(Task):
+class VisionLM(MediaChatTask):
     """Trains the image encoder, cross-attention and image embedding of `MultimodalModel` on image–text turns."""
 
     def __init__(self, cfg):
@@ -268,16 +283,6 @@ class VisionLM(Task):
         return ImageLoader(self.cfg.data, ChatExamples(self.tokenizer, self.opts.targets, seq_len), self._collate(),
                            batch_size=batch_size, seed=self.cfg.run.seed, tile_size=self.encoder.tile_size,
                            max_tiles=self.encoder.max_num_tiles, rank=rank, world_size=world_size)
-
-    def count(self, batch: ChatBatch) -> int:
-        return int((batch.labels != IGNORE).sum())
-
-    def loss(self, model, batch: ChatBatch, device) -> torch.Tensor:
-        logits = model(batch.tokens.to(device), **batch.media_inputs(device))
-        return lm_loss_sum(logits, batch.labels.to(device))
-
-    def batch_tokens(self, batch: ChatBatch) -> int:
-        return batch.tokens.numel()
 
     def heldout(self, seq_len, batch_size) -> list:
         """Every question of the held-out images, up to `train.eval_batches` batches."""
