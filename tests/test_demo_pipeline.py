@@ -19,7 +19,9 @@ def test_demo_pipeline_runs_every_stage(tmp_path):
             assert (out / name / "final" / "model.safetensors").exists(), name
     metrics = json.loads((out / "eval.json").read_text())
     assert {"heldout_loss", "heldout_loss_baseline", "speech_adapter.asr_wer", "speech_adapter.asr_wer_baseline",
-            "vision_anneal.image_qa_accuracy_colour", "image_encoder_pretrain.retrieval_i2t"} <= set(metrics)
+            "vision_anneal.image_qa_accuracy_colour", "image_encoder_pretrain.retrieval_i2t",
+            "video_adapter.video_qa_accuracy_motion", "video_adapter.video_qa_accuracy_motion_baseline",
+            "reward_model.val_accuracy", "dpo.val_reward_accuracy", "vision_reward_model.val_accuracy"} <= set(metrics)
     assert (out / "summary.md").read_text().startswith("# Pipeline `demo`")
     # running again skips every finished stage
     assert main(["pipeline", "configs/pipelines/demo.yaml", "--out", str(out), f"data.root={data}",
