@@ -95,7 +95,7 @@ def run(args) -> int:
                              shard_size=parse_size(args.shard_size), prefix=args.prefix)
         for problem in report.problems:
             print(f"skipped: {problem}", file=sys.stderr)
-        skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+        skipped = report.skipped_text()
         print(f"{report.utterances} utterances, {report.seconds:.1f} s of audio in {len(report.shards)} shards "
               f"under {args.out}; skipped: {skipped}")
         return 0 if report.utterances else 1
@@ -106,7 +106,7 @@ def run(args) -> int:
         report = pack_image(args.images, args.out, args.captions, shard_size=parse_size(args.shard_size), prefix=args.prefix)
         for problem in report.problems:
             print(f"skipped: {problem}", file=sys.stderr)
-        skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+        skipped = report.skipped_text()
         print(f"{report.images} images in {len(report.shards)} shards under {args.out} ({report.renamed} stored under "
               f"their real format's extension); skipped: {skipped}")
         return 0 if report.images else 1
@@ -122,7 +122,7 @@ def run(args) -> int:
             return 2
         for problem in report.problems:
             print(f"skipped: {problem}", file=sys.stderr)
-        skipped = ", ".join(f"{k} {v}" for k, v in report.skipped.items()) or "none"
+        skipped = report.skipped_text()
         print(f"{report.videos} videos, {report.frames} frames in {len(report.shards)} shards under {args.out}; "
               f"skipped: {skipped}")
         return 0 if report.videos else 1

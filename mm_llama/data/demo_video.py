@@ -12,10 +12,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 
-from .demo_vision import COLOURS, SHAPES, Scene, Shape, jpeg_bytes, render
+from .demo_vision import COLOURS, SHAPES, Scene, Shape, jpeg_bytes, render, write_split
 from .text_stream import derive_seed
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -143,18 +142,7 @@ def write_video(out: Path, n_train: int = TRAIN_CLIPS, n_val: int = VAL_CLIPS):
     from .demo import DemoPart  # demo.py imports this module to list it in MODALITIES
 
     train, val = demo_clips(n_train, n_val)
-    folder = out / "video"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for shard in range(TRAIN_SHARDS):
-        files.append(folder / f"train-{shard:06d}.tar")
-        with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:  # fixed mtime: identical bytes on every run
-            for i in range(shard, len(train), TRAIN_SHARDS):
-                sink.write(sample_of(f"train{i:07d}", train[i]))
-    files.append(folder / "val-000000.tar")
-    with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
-        for i, motion in enumerate(val):
-            sink.write(sample_of(f"val{i:07d}", motion))
+    files = write_split(out / "video", train, val, TRAIN_SHARDS, sample_of)
     counts = {"train_clips": len(train), "val_clips": len(val), "train_shards": TRAIN_SHARDS, "frames_per_clip": FRAMES}
     readme = VIDEO_README.format(last=TRAIN_SHARDS - 1, train=len(train), frames=FRAMES, size=FRAME_SIZE,
                                  shards=TRAIN_SHARDS, val=len(val), last_frame=FRAMES - 1)

@@ -173,23 +173,29 @@ yellow), each in its own quadrant:
 """
 
 
+def write_split(folder: Path, train: list, val: list, train_shards: int, sample_of) -> list[Path]:
+    """`train-NNNNNN.tar` (items dealt round-robin over `train_shards`) and `val-000000.tar` under `folder`;
+    `sample_of(key, item)` makes each sample. Returns the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for shard in range(train_shards):
+        files.append(folder / f"train-{shard:06d}.tar")
+        with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:  # fixed mtime: identical bytes on every run
+            for i in range(shard, len(train), train_shards):
+                sink.write(sample_of(f"train{i:07d}", train[i]))
+    files.append(folder / "val-000000.tar")
+    with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+        for i, item in enumerate(val):
+            sink.write(sample_of(f"val{i:07d}", item))
+    return files
+
+
 def write_image(out: Path, n_train: int = TRAIN_IMAGES, n_val: int = VAL_IMAGES):
     """Image shards for `mm-llama data demo`: captions and pixel-grounded questions (a `DemoPart`)."""
     from .demo import DemoPart  # demo.py imports this module to list it in MODALITIES
 
     train, val = demo_scenes(n_train, n_val)
-    folder = out / "image"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for shard in range(TRAIN_SHARDS):
-        files.append(folder / f"train-{shard:06d}.tar")
-        with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:  # fixed mtime: identical bytes on every run
-            for i in range(shard, len(train), TRAIN_SHARDS):
-                sink.write(sample_of(f"train{i:07d}", train[i]))
-    files.append(folder / "val-000000.tar")
-    with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
-        for i, scene in enumerate(val):
-            sink.write(sample_of(f"val{i:07d}", scene))
+    files = write_split(out / "image", train, val, TRAIN_SHARDS, sample_of)
     counts = {"train_images": len(train), "val_images": len(val), "train_shards": TRAIN_SHARDS}
     readme = IMAGE_README.format(last=TRAIN_SHARDS - 1, train=len(train), shards=TRAIN_SHARDS, val=len(val), size=IMAGE_SIZE)
     return DemoPart("image", counts, readme, files)

@@ -343,9 +343,10 @@ class ImageLoader:
 
 
 def heldout_examples(cfg: DataConfig, make_example: MakeExample, *, tile_size: int, max_tiles: int, seed: int,
-                     limit: int, max_pixels: int = MAX_PIXELS) -> tuple[list, ImageCounters]:
-    """Up to `limit` examples of `cfg.heldout`: sources, shards and samples in listed order, read once."""
-    decoder = ImageDecoder(tile_size, max_tiles, max_pixels)
+                     limit: int, max_pixels: int = MAX_PIXELS, decoder=None) -> tuple[list, ImageCounters]:
+    """Up to `limit` examples of `cfg.heldout`: sources, shards and samples in listed order, read once.
+    `decoder(sample, counters)` turns a sample into the media `make_example` takes (default: one tiled image)."""
+    decoder = decoder or ImageDecoder(tile_size, max_tiles, max_pixels)
     counters, images = Counters(), ImageCounters()
     out: list = []
     for source in cfg.heldout:

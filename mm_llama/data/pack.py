@@ -46,6 +46,22 @@ class PackReport:
         self.problems.append(message)
 
 
+@dataclass
+class MediaPackReport:
+    """What a media packer (image, video, speech) wrote and what it skipped, counted by reason."""
+
+    skipped: dict[str, int] = field(default_factory=dict)
+    shards: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.problems.append(message)
+
+    def skipped_text(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
+
+
 def jsonl_records(path: Path, text: str, required: str) -> list[dict]:
     """Objects of a JSONL listing (blank lines skipped), each with a string field `required` and its line as `_line`;
     a bad line is an error naming the file and the line."""

@@ -21,13 +21,14 @@ from __future__ import annotations
 import importlib
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
 from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
+from .pack import MediaPackReport
 from .pack_vision import _qa_problem, read_captions
 from .video import sample_frames
 
@@ -40,16 +41,9 @@ PYAV_MISSING = ("{path}: decoding video files needs PyAV, an optional extra that
 
 
 @dataclass
-class VideoPackReport:
+class VideoPackReport(MediaPackReport):
     videos: int = 0
     frames: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    shards: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, message: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.problems.append(message)
 
 
 def frame_files(folder: Path) -> list[Path]:

@@ -15,30 +15,23 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
 from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
-from .pack import jsonl_records
+from .pack import MediaPackReport, jsonl_records
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 _MEMBER = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 @dataclass
-class ImagePackReport:
+class ImagePackReport(MediaPackReport):
     images: int = 0
     renamed: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    shards: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, message: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.problems.append(message)
 
 
 def read_captions(path: str | Path, item: str = "image") -> list[dict]:

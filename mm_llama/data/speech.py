@@ -38,7 +38,7 @@ import webdataset as wds
 
 from encoders.speech.args import FrontEndArgs
 from encoders.speech.features import AudioError, audio_info, decode_audio, min_samples, resample
-from .pack import jsonl_records
+from .pack import MediaPackReport, jsonl_records
 
 log = logging.getLogger("mm_llama.data")
 
@@ -208,16 +208,9 @@ def speech_samples(samples: Iterator[dict], args: FrontEndArgs, counters: AudioC
 
 
 @dataclass
-class SpeechPackReport:
+class SpeechPackReport(MediaPackReport):
     utterances: int = 0
     seconds: float = 0.0
-    skipped: dict[str, int] = field(default_factory=dict)
-    shards: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def skip(self, reason: str, message: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.problems.append(message)
 
 
 RECORD_FIELDS = ("audio", "task", "transcript", "language", "translation", "target_language", "response")

@@ -31,11 +31,9 @@ import torch
 
 from encoders.vision.transform import tile_image
 
-from .accounting import Counters
 from .config import DataConfig
-from .image_text import MAX_PIXELS, ImageCounters, ImageError, ImageLoader, MakeExample, Tiled, decode_image
-from .shards import read_shard, source_shards
-from .text_stream import SkipSample, derive_seed
+from .image_text import (MAX_PIXELS, ImageCounters, ImageError, ImageLoader, MakeExample, Tiled, decode_image,
+                         heldout_examples)
 
 FRAME_MEMBER = re.compile(r"(\d{3,})\.(jpg|jpeg|png|webp)")
 
@@ -104,23 +102,9 @@ class VideoLoader(ImageLoader):
 def heldout_video_examples(cfg: DataConfig, make_example: MakeExample, *, tile_size: int, max_tiles: int,
                            max_frames: int, seed: int, limit: int, max_pixels: int = MAX_PIXELS
                            ) -> tuple[list, ImageCounters]:
-    """Up to `limit` examples of `cfg.heldout`: sources, shards and samples in listed order, read once."""
-    decoder = VideoDecoder(tile_size, max_tiles, max_frames, max_pixels)
-    counters, frames = Counters(), ImageCounters()
-    out: list = []
-    for source in cfg.heldout:
-        for url in source_shards(source, cfg.root):
-            for sample in read_shard(url, counters.skip):
-                if len(out) >= limit:
-                    return out, frames
-                clip = decoder(sample, frames)
-                if clip is None:
-                    continue
-                try:
-                    out.append(make_example(sample, clip, derive_seed(seed, sample.get("__key__"), 0)))
-                except SkipSample as e:
-                    counters.skip("sample", f"{url} sample '{sample.get('__key__')}': {e}")
-    return out, frames
+    """Up to `limit` examples of `cfg.heldout` (clips), as `image_text.heldout_examples` reads images."""
+    return heldout_examples(cfg, make_example, tile_size=tile_size, max_tiles=max_tiles, seed=seed, limit=limit,
+                            decoder=VideoDecoder(tile_size, max_tiles, max_frames, max_pixels))
 
 
 def collate_videos(clips: list[Clip], max_tiles: int, frames_per_group: int

@@ -17,36 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from adapters.video import resize_time_embedding
 
-from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, read_safetensors
-from ...config import ConfigError, ModelConfig, load_config
+from ...checkpoint.native import MODEL_SAFETENSORS, read_safetensors
+from ...config import ConfigError
 from ...data.demo_video import ANSWERS
 from ...data.video import Clip, VideoLoader, collate_videos, heldout_video_examples
 from ...model.multimodal import MultimodalModel
 from ..losses import IGNORE
 from .base import register
-from .text_lm import load_init
-from .vision_lm import (ChatExample, ChatExamples, MediaChatTask, answer_accuracy, load_composed, load_encoder,
-                        model_folder)
+from .vision_lm import ChatExample, ChatExamples, MediaChatTask, VisionLMOptions, answer_accuracy, load_composed
 
 VIDEO_PARTS = ("video_aggregator.", "video_cross_attention.")
 TIME_TABLES = ("video_aggregator.time_embedding", "video_aggregator.time_gain")
-
-
-class VideoLMOptions(BaseModel):
-    """`train.options` of the `video_lm` objective."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    encoder_from: str | None = Field(None, description="a CLIP stage's run dir (or model folder): the encoder's start")
-    targets: list[Literal["qa", "caption"]] = Field(default_factory=lambda: ["qa"], min_length=1,
-                                                    description="what an example asks: a qa pair and/or the caption")
 
 
 @dataclass
@@ -101,7 +85,7 @@ class VideoLM(MediaChatTask):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.opts = self.options(VideoLMOptions)
+        self.opts = self.options(VisionLMOptions)  # the same options: encoder_from, targets
         if cfg.model.video is None:
             raise ConfigError(f"stage '{cfg.name}': the video_lm objective needs a model with vision: and video: sections")
         self.encoder, self.video = cfg.model.vision.encoder, cfg.model.video
@@ -112,28 +96,13 @@ class VideoLM(MediaChatTask):
         if video_id != self.tokenizer.video_id:
             raise ConfigError(f"model.video.video_token_id is {video_id} but the tokenizer's <|video|> is "
                               f"{self.tokenizer.video_id} ({self.cfg.data.tokenizer_path})")
-        for path, what in ((self.cfg.init.from_, "init.from"), (self.opts.encoder_from, "train.options.encoder_from")):
-            if path is not None and not Path(path).is_dir():
-                raise ConfigError(f"{what}: {path} is not a run directory or model folder")
+        self.check_start_paths()
 
-    def build_model(self) -> nn.Module:
-        torch.manual_seed(self.cfg.run.seed)
-        model = MultimodalModel(self.cfg.model.lm, self.cfg.model.vision, self.video)
-        if self.cfg.init.from_ is not None:
-            folder = model_folder(self.cfg.init.from_)
-            source = load_config(ModelConfig, folder / MODEL_YAML)
-            if source.vision is not None:
-                load_video_start(model, folder)
-            else:
-                load_init(model.lm, str(folder))
-                with torch.no_grad():  # the image token's own row starts as the loaded LM's
-                    model.image_embedding.weight[0].copy_(model.lm.tok_embeddings.weight[model.image_token_id])
-        if self.opts.encoder_from is not None:
-            load_encoder(model, self.opts.encoder_from)
-        return model
+    def fresh_model(self) -> MultimodalModel:
+        return MultimodalModel(self.cfg.model.lm, self.cfg.model.vision, self.video)
 
-    def blocks(self, model: MultimodalModel) -> list[nn.Module]:
-        return list(model.lm.layers)
+    def start_from_composed(self, model: MultimodalModel, folder: Path) -> None:
+        load_video_start(model, folder)
 
     def _examples(self, seq_len: int, every: bool = False) -> ChatExamples:
         return ChatExamples(self.tokenizer, self.opts.targets, seq_len, every=every, media="video")

@@ -222,8 +222,39 @@ class CollateChat:
 
 
 class MediaChatTask(Task):
-    """What the image and video stages share: chat batches whose answer tokens carry the loss, media passed by
-    the batch's `media_inputs`."""
+    """What the image and video stages share: the composed model started from a text LM or a composed run (plus
+    a CLIP encoder), chat batches whose answer tokens carry the loss, media passed by the batch's `media_inputs`.
+    Subclasses say which model they build (`fresh_model`) and how a composed run starts it (`start_from_composed`)."""
+
+    def check_start_paths(self) -> None:
+        for path, what in ((self.cfg.init.from_, "init.from"), (self.opts.encoder_from, "train.options.encoder_from")):
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(f"{what}: {path} is not a run directory or model folder")
+
+    def fresh_model(self) -> MultimodalModel:
+        return MultimodalModel(self.cfg.model.lm, self.cfg.model.vision)
+
+    def start_from_composed(self, model: MultimodalModel, folder: Path) -> None:
+        load_composed(model, folder)
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.run.seed)
+        model = self.fresh_model()
+        if self.cfg.init.from_ is not None:
+            folder = model_folder(self.cfg.init.from_)
+            source = load_config(ModelConfig, folder / MODEL_YAML)
+            if source.vision is not None:
+                self.start_from_composed(model, folder)
+            else:
+                load_init(model.lm, str(folder))
+                with torch.no_grad():  # the image token's own row starts as the loaded LM's
+                    model.image_embedding.weight[0].copy_(model.lm.tok_embeddings.weight[model.image_token_id])
+        if self.opts.encoder_from is not None:
+            load_encoder(model, self.opts.encoder_from)
+        return model
+
+    def blocks(self, model: MultimodalModel) -> list[nn.Module]:
+        return list(model.lm.layers)
 
     def count(self, batch) -> int:
         return int((batch.labels != IGNORE).sum())
@@ -253,28 +284,7 @@ class VisionLM(MediaChatTask):
         if image_id != self.tokenizer.image_id:
             raise ConfigError(f"model.vision.image_token_id is {image_id} but the tokenizer's <|image|> is "
                               f"{self.tokenizer.image_id} ({self.cfg.data.tokenizer_path})")
-        for path, what in ((self.cfg.init.from_, "init.from"), (self.opts.encoder_from, "train.options.encoder_from")):
-            if path is not None and not Path(path).is_dir():
-                raise ConfigError(f"{what}: {path} is not a run directory or model folder")
-
-    def build_model(self) -> nn.Module:
-        torch.manual_seed(self.cfg.run.seed)
-        model = MultimodalModel(self.cfg.model.lm, self.cfg.model.vision)
-        if self.cfg.init.from_ is not None:
-            folder = model_folder(self.cfg.init.from_)
-            source = load_config(ModelConfig, folder / MODEL_YAML)
-            if source.vision is not None:
-                load_composed(model, folder)
-            else:
-                load_init(model.lm, str(folder))
-                with torch.no_grad():  # the image token's own row starts as the loaded LM's
-                    model.image_embedding.weight[0].copy_(model.lm.tok_embeddings.weight[model.image_token_id])
-        if self.opts.encoder_from is not None:
-            load_encoder(model, self.opts.encoder_from)
-        return model
-
-    def blocks(self, model: MultimodalModel) -> list[nn.Module]:
-        return list(model.lm.layers)
+        self.check_start_paths()
 
     def _collate(self) -> CollateChat:
         return CollateChat(self.tokenizer.pad_id, self.encoder.max_num_tiles)
