@@ -23,9 +23,17 @@ binding a colour to one of two objects is beyond the demo's budget and the pairs
 
 40% of SFT dialogs are the speech stage's ASR turn in text ("Repeat after me in English:", the sentence →
 the sentence): the copy skill the frozen LM of the speech adapter stage needs.
+
+Media dialogs (the media in the same sample, referenced from the user message; `mm_llama.data.dialog`):
+spoken-command dialogs ("What colour did I say?" / "What shape did I say?" about a demo speech clip, the
+committed clips: the speech stages' training clips for training, its held-out clips for held-out) and
+video dialogs ("Which colour is the moving shape?" / "Which way is the shape moving?" about a demo video
+clip, the video stage's training clips and held-out clips with no path shared with them), each as SFT
+dialogs and as rankings (right vs wrong answer).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from pathlib import Path
@@ -36,6 +44,9 @@ SFT_TRAIN, SFT_VAL = 3000, 200
 PREF_TRAIN, PREF_VAL = 3000, 300
 PROMPTS = 64
 IMAGE_PREF_TRAIN, IMAGE_PREF_VAL = 1200, 200
+VIDEO_DIALOG_TRAIN, VIDEO_DIALOG_VAL = 240, 40  # clips; one dialog (and one ranking) per clip
+SPEECH_QUESTIONS = {"colour": "What colour did I say?", "shape": "What shape did I say?"}
+VIDEO_QUESTIONS = {"colour": "Which colour is the moving shape?", "motion": "Which way is the shape moving?"}
 HELDOUT_PERCENT = 10
 TRIPLE_SHARE, SLIGHT_SHARE = 0.3, 0.1
 
@@ -190,6 +201,76 @@ def image_preference_samples(n: int, split: str) -> list[dict]:
     return out
 
 
+def spoken_answers(sentence: str) -> dict[str, str]:
+    """The colour and the shape a demo speech sentence names ("draw four blue circles" → blue, circle)."""
+    from .demo_speech import COLOURS as SPOKEN_COLOURS, SHAPES as SPOKEN_SHAPES
+
+    words = sentence.split()
+    colour = next(w for w in words if w in SPOKEN_COLOURS)
+    shape = next(w.removesuffix("s") for w in words if w.removesuffix("s") in SPOKEN_SHAPES)
+    return {"colour": colour, "shape": shape}
+
+
+def speech_dialog_samples(split: str, rankings: bool = False) -> list[dict]:
+    """One sample per demo speech sentence clip of `split` (the committed clips), its audio as the `flac` member:
+    an SFT dialog (`rankings=False`) or a ranking, user = [the clip, "What colour/shape did I say?"]; both
+    questions alternate over the clips."""
+    from .demo_speech import COLOURS as SPOKEN_COLOURS, SHAPES as SPOKEN_SHAPES, clips, read_assets
+
+    audio, out = read_assets(), []
+    chosen = [c for c in clips() if c.kind == "sentence" and c.split == split]
+    rng = random.Random(f"demo-speech-dialog-{split}-{rankings}")
+    for i, clip in enumerate(chosen):
+        kind = list(SPEECH_QUESTIONS)[i % 2]
+        right = spoken_answers(clip.text)[kind]
+        user = {"role": "user", "content": [{"type": "audio", "member": "flac"},
+                                            {"type": "text", "text": SPEECH_QUESTIONS[kind]}]}
+        if rankings:
+            wrong = rng.choice([a for a in (SPOKEN_COLOURS if kind == "colour" else SPOKEN_SHAPES) if a != right])
+            record = {"prompt": [user], "responses": [f"{right.capitalize()}.", f"{wrong.capitalize()}."],
+                      "strength": "significantly_better", "kind": f"speech_{kind}"}
+        else:
+            record = {"messages": [user, {"role": "assistant", "content": f"{right.capitalize()}."}],
+                      "kind": f"speech_{kind}"}
+        out.append({"__key__": f"speech{'pref' if rankings else 'sft'}-{split}-{i:04d}", "json": record,
+                    "flac": audio[clip.key]})
+    return out
+
+
+def video_dialog_samples(split: str, rankings: bool = False) -> list[dict]:
+    """One sample per demo video clip of `split`, its frames as the members `clip.000.jpg`, …: an SFT dialog or a
+    ranking, user = [the clip, "Which colour is the moving shape?" / "Which way is the shape moving?"]."""
+    from .demo_video import ANSWERS as VIDEO_ANSWERS
+
+    rng, out = random.Random(f"demo-video-dialog-{split}-{rankings}"), []
+    for i, (motion, frames) in enumerate(_video_clips(split)):
+        kind = list(VIDEO_QUESTIONS)[i % 2]
+        right = motion.colour if kind == "colour" else motion.direction
+        user = {"role": "user", "content": [{"type": "video", "member": "clip"},
+                                            {"type": "text", "text": VIDEO_QUESTIONS[kind]}]}
+        if rankings:
+            wrong = rng.choice([a for a in VIDEO_ANSWERS[kind] if a != right])
+            record = {"prompt": [user], "responses": [f"{right.capitalize()}.", f"{wrong.capitalize()}."],
+                      "strength": "significantly_better", "kind": f"video_{kind}"}
+        else:
+            record = {"messages": [user, {"role": "assistant", "content": f"{right.capitalize()}."}],
+                      "kind": f"video_{kind}"}
+        sample = {"__key__": f"video{'pref' if rankings else 'sft'}-{split}-{i:04d}", "json": record}
+        sample.update({f"clip.{f:03d}.jpg": frame for f, frame in enumerate(frames)})
+        out.append(sample)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _video_clips(split: str) -> tuple:
+    """The demo video clips of the dialog split with their JPEG frames, rendered once for SFT and rankings."""
+    from .demo_video import demo_clips, render_frames
+    from .demo_vision import jpeg_bytes
+
+    train, val = demo_clips(VIDEO_DIALOG_TRAIN, VIDEO_DIALOG_VAL)
+    return tuple((m, tuple(jpeg_bytes(f) for f in render_frames(m))) for m in (train if split == "train" else val))
+
+
 def _write(path: Path, prefix: str, records: list[dict]) -> Path:
     return _write_samples(path, [{"__key__": f"{prefix}-{i:06d}", "json": r} for i, r in enumerate(records)])
 
@@ -218,6 +299,14 @@ held-out questions never appear in training.
   ({image_pref_val}): rankings about a rendered scene for the vision RM: `jpg` = the image, `json` =
   a ranking whose user message holds `{{"type": "image", "member": "jpg"}}` and the question (colour,
   shape or count; right vs wrong answer).
+- `dialog/speech-sft-{{train,val}}-000000.tar` ({speech_train}, {speech_val}) and `dialog/speech-pref-…`: a demo
+  speech clip as `flac` (the speech stages' training clips / held-out clips), the user message
+  `[{{"type": "audio", "member": "flac"}}, "What colour did I say?" or "What shape did I say?"]`; SFT dialogs
+  answer it ("Blue."), rankings put the right answer above a wrong one.
+- `dialog/video-sft-{{train,val}}-000000.tar` ({video_train}, {video_val}) and `dialog/video-pref-…`: a demo video
+  clip as the members `clip.000.jpg` … `clip.{last_frame:03d}.jpg`, the user message
+  `[{{"type": "video", "member": "clip"}}, "Which colour is the moving shape?" or "Which way is the shape
+  moving?"]`; SFT dialogs answer it ("Red.", "Left."), rankings put the right answer above a wrong one.
 """
 
 
@@ -238,4 +327,12 @@ def write_dialog(out: Path):
     ]
     counts = {"sft_train": SFT_TRAIN, "sft_val": SFT_VAL, "pref_train": PREF_TRAIN, "pref_val": PREF_VAL,
               "prompts": PROMPTS, "image_pref_train": IMAGE_PREF_TRAIN, "image_pref_val": IMAGE_PREF_VAL}
-    return DemoPart("dialog", counts, README.format(**counts), files)
+    for media, make in (("speech", speech_dialog_samples), ("video", video_dialog_samples)):
+        for split in ("train", "val"):
+            samples = make(split)
+            files.append(_write_samples(folder / f"{media}-sft-{split}-000000.tar", samples))
+            files.append(_write_samples(folder / f"{media}-pref-{split}-000000.tar", make(split, rankings=True)))
+            counts[f"{media}_{split}"] = len(samples)
+    from .demo_video import FRAMES
+
+    return DemoPart("dialog", counts, README.format(**counts, last_frame=FRAMES - 1), files)

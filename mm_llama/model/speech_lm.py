@@ -56,17 +56,19 @@ class SpeechLM(nn.Module):
         positions: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens `[batch, seq]` → logits `[batch, seq, vocab]`.
 
         The audio of the `<|speech|>` spans, in reading order (row by row, left to right): `speech_feats`
         `[n_clips, frames, n_mels]` with `speech_lengths` `[n_clips]`, or `speech = encode_speech(...)`
         computed once (reused across decode steps). Tokens without placeholders need neither.
+        `doc_ids` `[batch, seq]`: packed documents (block-diagonal attention, positions restart), as the LM's.
         """
         if speech_feats is not None:
             if speech is not None:
                 raise ValueError("pass either speech_feats or speech (encoded), not both")
             speech = self.encode_speech(speech_feats, speech_lengths)
         h = self.embed(tokens, speech)
-        (cos, sin), mask = self.lm.prepare(tokens, None, positions, start_pos)
+        (cos, sin), mask = self.lm.prepare(tokens, doc_ids, positions, start_pos)
         return self.lm.output(self.lm.forward_hidden(h, cos, sin, mask, caches, start_pos)).float()

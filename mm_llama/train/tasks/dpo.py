@@ -23,7 +23,9 @@ prefer the better answer" keeps one meaning with or without EMA): the implicit r
 
 Vision DPO (SPEC §4.2): with a `model.vision` section policy and reference are composed image–text
 models; each response row carries its prompt's images, so every log-prob is computed with them. The
-paper trains the adapters (the stage's `train.trainable`) and moves the reference by EMA.
+paper trains the adapters (the stage's `train.trainable`) and moves the reference by EMA. The same holds
+for videos (a `model.video` section too) and audio (a `model.speech` section: `SpeechLM`, each row's
+prompt clips spliced over its `<|speech|>` spans).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...config import ConfigError
-from ...data.dialog import IGNORE, EncodedRanking, PreferenceLoader, heldout_records, sample_record
+from ...data.dialog import IGNORE, EncodedRanking, PreferenceLoader, collate_media, heldout_records, sample_record
 from ...data.shards import read_shard, source_shards
 from ...data.accounting import Counters
 from ...data.text_stream import SkipSample
@@ -71,13 +73,19 @@ class DPOOptions(PreferenceOptions):
         return self
 
 
+MEDIA_INPUTS = ("images", "aspect_ratios", "videos", "video_aspect_ratios", "frame_mask", "speech_feats",
+                "speech_lengths")
+
+
 @dataclass
 class PairBatch:
     """One row per response: tokens, labels `[rows, seq]` (labels -100 outside the response's counted
     tokens); better, worse, best `[pairs]` row indices (best: the pair's ranking's first response);
-    reference `[rows]` stored log-probs or None; index: the batch's number in its loader (None: held out);
-    images `[rows, n_images, tiles, 3, S, S]`, aspect_ratios `[rows, n_images, 2]`: each row's prompt's
-    images, or None (no image in the batch)."""
+    reference `[rows]` stored log-probs or None; index: the batch's number in its loader (None: held out).
+    Each row's prompt's media (None when the batch has none of a kind; shapes of `dialog.collate_media`):
+    images `[rows, n_images, tiles, 3, S, S]`, aspect_ratios `[rows, n_images, 2]`; videos
+    `[rows, n_videos, frames, tiles, 3, S, S]`, video_aspect_ratios `[rows, n_videos, frames, 2]`, frame_mask
+    `[rows, n_videos, frames]`; speech_feats `[n_clips, frames, n_mels]`, speech_lengths `[n_clips]` (row order)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -88,17 +96,21 @@ class PairBatch:
     index: int | None = None
     images: torch.Tensor | None = None
     aspect_ratios: torch.Tensor | None = None
+    videos: torch.Tensor | None = None
+    video_aspect_ratios: torch.Tensor | None = None
+    frame_mask: torch.Tensor | None = None
+    speech_feats: torch.Tensor | None = None
+    speech_lengths: torch.Tensor | None = None
 
     def media_inputs(self, device) -> dict[str, torch.Tensor]:
-        """The model's keyword arguments for this batch's images (none for a text batch)."""
-        if self.images is None:
-            return {}
-        return {"images": self.images.to(device), "aspect_ratios": self.aspect_ratios.to(device)}
+        """The model's keyword arguments for this batch's media (none for a text batch)."""
+        return {k: getattr(self, k).to(device) for k in MEDIA_INPUTS if getattr(self, k) is not None}
 
 
-def collate_pairs(examples: list[EncodedRanking], pad_id: int, max_tiles: int = 0) -> PairBatch:
-    """prompt + response per row, right-padded to the longest row; with `max_tiles`, each row also holds its
-    prompt's images (stacked with that many tile slots)."""
+def collate_pairs(examples: list[EncodedRanking], pad_id: int, max_tiles: int = 0, frames_per_group: int = 1
+                  ) -> PairBatch:
+    """prompt + response per row, right-padded to the longest row; each row also holds its prompt's media
+    (images and videos with `max_tiles` tile slots, video frames padded to a multiple of `frames_per_group`)."""
     rows, labels, better, worse, best, reference = [], [], [], [], [], []
     stored = all(e.reference_logps is not None for e in examples)
     for e in examples:
@@ -116,15 +128,11 @@ def collate_pairs(examples: list[EncodedRanking], pad_id: int, max_tiles: int = 
             reference += list(e.reference_logps)
     t = max(map(len, rows))
     pad = lambda xs, v: torch.tensor([x + [v] * (t - len(x)) for x in xs], dtype=torch.long)  # noqa: E731
-    images = ratios = None
-    if max_tiles and any(e.media for e in examples):
-        from encoders.vision.transform import stack_images
-
-        images, ratios = stack_images([[(m.tiles, m.grid) for m in e.media] for e in examples
-                                       for _ in e.responses], max_tiles)
+    media = collate_media([[(0, m) for m in e.media] for e in examples for _ in e.responses], max_tiles,
+                          frames_per_group)
     return PairBatch(pad(rows, pad_id), pad(labels, IGNORE), torch.tensor(better), torch.tensor(worse),
                      torch.tensor(best), torch.tensor(reference, dtype=torch.float64) if stored else None,
-                     images=images, aspect_ratios=ratios)
+                     **{k: v for k, v in media.items() if k in MEDIA_INPUTS})
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,11 +256,12 @@ class DPO(PostTask):
     def _loader(self, seq_len, batch_size, rank, world_size):
         return PreferenceLoader(self.cfg.data, self.cfg.run.seed, rank, world_size, chat=self.chat,
                                 batch_size=batch_size, max_tokens=seq_len + 1, strengths=tuple(self.opts.strengths),
-                                mask_formatting=self.opts.mask_formatting, decode_media=self.image_parts())
+                                mask_formatting=self.opts.mask_formatting, decode_media=self.media_parts())
 
     def loader(self, seq_len, batch_size, rank, world_size):
         loader = self._loader(seq_len, batch_size, rank, world_size)
-        loader.collate = lambda ex: collate_pairs(ex, self.chat.tokenizer.pad_id, self.max_tiles)
+        pad = self.chat.tokenizer.pad_id
+        loader.collate = lambda ex: collate_pairs(ex, pad, self.max_tiles, self.frames_per_group)
         return NumberedBatches(loader, self.ema)
 
     def count(self, batch) -> int:
@@ -291,7 +300,7 @@ class DPO(PostTask):
         enc = self._loader(seq_len, batch_size, 0, 1).encode
         examples = heldout_records(self.cfg.data, enc, self.cfg.train.eval_batches * batch_size)
         pad = self.chat.tokenizer.pad_id
-        return [collate_pairs(examples[i:i + batch_size], pad, self.max_tiles)
+        return [collate_pairs(examples[i:i + batch_size], pad, self.max_tiles, self.frames_per_group)
                 for i in range(0, len(examples), batch_size)]
 
     def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
@@ -339,7 +348,8 @@ def store_reference_logps(task: DPO, out_dir: str | Path, device: str = "cpu") -
                     except SkipSample:  # copied as it is: training skips it the same way
                         sink.write(members)
                         continue
-                    batch = collate_pairs([example], task.chat.tokenizer.pad_id, task.max_tiles)
+                    batch = collate_pairs([example], task.chat.tokenizer.pad_id, task.max_tiles,
+                                          task.frames_per_group)
                     logps, _ = sequence_logps(model(batch.tokens.to(device), **batch.media_inputs(device)),
                                               batch.labels.to(device))
                     members["json"] = {**json.loads(record.text), "reference_logps": logps.tolist()}

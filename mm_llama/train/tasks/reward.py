@@ -13,6 +13,10 @@ whose weights replace the LM and value head (paper: self-attention initialised f
 and frozen — the stage's `train.trainable` names the vision encoder and cross-attention). Rankings
 then carry their prompt's images (members of the same sample, `mm_llama.data.dialog`); text-only
 rankings still train (their rows have no image and skip cross-attention).
+
+There is no speech or video reward model: a stage whose model has a `speech:` or `video:` section is refused,
+and a ranking holding an audio or video part stops the stage with an error naming the part type (it would
+otherwise be skipped, and a data set of such rankings would train on nothing).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ...config import ConfigError
-from ...data.dialog import EncodedRanking, ImageParts, PreferenceLoader, example_rng, heldout_records, stack_media
+from ...data.dialog import EncodedRanking, PreferenceLoader, example_rng, heldout_records, stack_media
 from ...model.reward import RewardModel, VisionRewardModel, is_reward_state
 from .base import register
 from .post_base import PostTask, PreferenceOptions
@@ -128,14 +132,14 @@ class RewardModelTask(PostTask):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        for section in ("speech", "video"):
+            if getattr(cfg.model, section) is not None:
+                raise ConfigError(f"stage '{cfg.name}': the reward_model objective has no {section} reward model; "
+                                  f"rankings with {'audio' if section == 'speech' else 'video'} parts are not "
+                                  f"supported (remove model.{section})")
         if self.opts.language_rm is not None and cfg.model.vision is None:
             raise ConfigError(f"stage '{cfg.name}': train.options.language_rm is for a vision RM (a model with a "
                               "vision: section)")
-
-    @property
-    def max_tiles(self) -> int:
-        """Tile slots of the vision encoder (0: a text RM)."""
-        return self.cfg.model.vision.encoder.max_num_tiles if self.cfg.model.vision is not None else 0
 
     def build_model(self):
         if self.cfg.model.vision is not None:
@@ -179,11 +183,9 @@ class RewardModelTask(PostTask):
         return model
 
     def _loader(self, seq_len, batch_size, rank, world_size, seed):
-        vision = self.cfg.model.vision
-        decode = ImageParts(vision.encoder.tile_size, vision.encoder.max_num_tiles) if vision is not None else None
         return PreferenceLoader(self.cfg.data, seed, rank, world_size, chat=self.chat, batch_size=batch_size,
                                 max_tokens=seq_len, strengths=tuple(self.opts.strengths), concatenated=True,
-                                decode_media=decode)
+                                decode_media=self.media_parts(refuse=("audio", "video")))
 
     def loader(self, seq_len, batch_size, rank, world_size):
         seed = self.cfg.run.seed
