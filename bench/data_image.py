@@ -1,10 +1,14 @@
 """The image-text pipeline's throughput against the decode-and-resize limit, in one run.
 
 Pipeline: `ImageLoader` with `--workers` DataLoader workers (tar reading, shuffling, corrupt-image
-checks, JPEG decoding, tiling with resize and normalisation, batching), timed in steady state
-(after every worker has delivered its first batch). Limit: the same JPEG bytes decoded with
-`torchvision.io.decode_jpeg` and tiled with `tile_image` in a tight loop, split over a pool of the same
-number of processes (one thread each). Rounds alternate between the two; medians are reported.
+checks, JPEG decoding, tiling with resize, batching) shipping uint8 tiles, timed in steady state (after
+every worker has delivered its first batch): as delivered (a GPU trainer normalises them on the device),
+and normalised in the main process with `model_images` (what the vision stage does at the model's input
+when the device is the CPU). Beside them the previous float path (workers normalise and ship float32
+tiles). Limit: the same JPEG bytes decoded with `torchvision.io.decode_jpeg` and tiled with
+`tile_image` (normalisation included) in a tight loop, split over a pool of the same number of processes
+(one thread each), and the same with `tile_image_uint8` (the limit of the uint8 batches). Rounds alternate
+between all five; medians are reported, with the load average.
 
     python bench/data_image.py [--images 1536] [--workers 2] [--width 448 --height 336] [--tile 224]
 """
@@ -14,6 +18,7 @@ import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
 import argparse  # noqa: E402
 import multiprocessing  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -25,10 +30,10 @@ import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 
-from encoders.vision.transform import tile_image  # noqa: E402
+from encoders.vision.transform import tile_image, tile_image_uint8  # noqa: E402
 from mm_llama.data.config import DataConfig  # noqa: E402
 from mm_llama.data.demo_vision import jpeg_bytes  # noqa: E402
-from mm_llama.data.image_text import ImageLoader, collate_images  # noqa: E402
+from mm_llama.data.image_text import ImageLoader, collate_images, model_images  # noqa: E402
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -56,10 +61,11 @@ class CollateTiles:
 
 
 def _limit_chunk(args) -> int:
-    jpegs, tile, max_tiles = args
+    jpegs, tile, max_tiles, uint8 = args
     torch.set_num_threads(1)
+    tiler = tile_image_uint8 if uint8 else tile_image
     for data in jpegs:
-        tile_image(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), tile, max_tiles)
+        tiler(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), tile, max_tiles)
     return len(jpegs)
 
 
@@ -86,45 +92,57 @@ def main() -> None:
         cfg = DataConfig(root=tmp, sources=[{"name": "img", "shards": "img-*.tar"}], num_workers=a.workers)
         n_batches = a.images // a.batch
 
-        def pipeline() -> float:
+        def pipeline(uint8: bool, normalise: bool = True) -> float:
             loader = ImageLoader(cfg, TilesOnly(), CollateTiles(a.max_tiles), batch_size=a.batch, seed=0,
-                                 tile_size=a.tile, max_tiles=a.max_tiles)
+                                 tile_size=a.tile, max_tiles=a.max_tiles, uint8=uint8)
             it = iter(loader)
             for _ in range(max(1, a.workers)):  # worker start-up is not throughput
                 next(it)
             t0 = time.perf_counter()
             for _ in range(n_batches):
-                next(it)
+                images, ratios = next(it)
+                if normalise:
+                    model_images(images, ratios)  # float batches pass through; uint8 ones are normalised here
             seconds = time.perf_counter() - t0
             del it
             return n_batches * a.batch / seconds
 
         pool = multiprocessing.get_context("fork").Pool(max(1, a.workers))
-        chunks = [(jpegs[w :: max(1, a.workers)], a.tile, a.max_tiles) for w in range(max(1, a.workers))]
-        pool.map(_limit_chunk, [(c[0][:8], a.tile, a.max_tiles) for c in chunks])  # warm the processes
+        shares = [jpegs[w :: max(1, a.workers)] for w in range(max(1, a.workers))]
+        pool.map(_limit_chunk, [(c[:8], a.tile, a.max_tiles, False) for c in shares])  # warm the processes
 
-        def limit() -> float:
+        def limit(uint8: bool) -> float:
             t0 = time.perf_counter()
-            done = sum(pool.map(_limit_chunk, chunks))
+            done = sum(pool.map(_limit_chunk, [(c, a.tile, a.max_tiles, uint8) for c in shares]))
             return done / (time.perf_counter() - t0)
 
-        rates = {"pipeline": [], "limit": []}
+        rates = {"uint8": [], "limit_uint8": [], "pipeline": [], "float": [], "limit": []}
+        load = [os.getloadavg()[0]]
         for _ in range(a.repeats):
-            rates["pipeline"].append(pipeline())
-            rates["limit"].append(limit())
+            rates["uint8"].append(pipeline(uint8=True, normalise=False))
+            rates["limit_uint8"].append(limit(uint8=True))
+            rates["pipeline"].append(pipeline(uint8=True))
+            rates["float"].append(pipeline(uint8=False))
+            rates["limit"].append(limit(uint8=False))
+            load.append(os.getloadavg()[0])
         pool.close()
         pool.join()
 
     info = _common.machine()
-    pipe, lim = statistics.median(rates["pipeline"]), statistics.median(rates["limit"])
+    med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"{info['date']} | {info['cpu']} | {info['cores']} cores | torch {info['torch']} | commit {info['commit']}")
     print(f"{a.images} JPEGs {a.width}x{a.height} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB), "
-          f"tiles {a.tile} px up to {a.max_tiles}, batch {a.batch}, {a.workers} workers/processes, {a.repeats} rounds")
+          f"tiles {a.tile} px up to {a.max_tiles}, batch {a.batch}, {a.workers} workers/processes, {a.repeats} rounds; "
+          f"1-minute load average {', '.join(f'{x:.1f}' for x in load)} (start, after each round)")
+    rows = [("uint8", "pipeline, uint8 batches as delivered (a GPU normalises them on the device)", "limit_uint8"),
+            ("limit_uint8", "limit, decode_jpeg + tile_image_uint8", "limit_uint8"),
+            ("pipeline", "pipeline + model_images in the main process (training on the CPU)", "limit"),
+            ("float", "previous pipeline, float32 tiles from the workers", "limit"),
+            ("limit", "limit, decode_jpeg + tile_image (normalised)", "limit")]
     print(_common.markdown_table(
-        ["", "samples/s (median)", "rounds"],
-        [["pipeline (ImageLoader)", f"{pipe:.1f}", ", ".join(f"{r:.1f}" for r in rates["pipeline"])],
-         ["limit (decode_jpeg + tile_image)", f"{lim:.1f}", ", ".join(f"{r:.1f}" for r in rates["limit"])],
-         ["pipeline / limit", f"{pipe / lim:.3f}", ""]]))
+        ["", "samples/s (median)", "rounds", "/ its limit"],
+        [[label, f"{med[k]:.1f}", ", ".join(f"{r:.1f}" for r in rates[k]), f"{med[k] / med[ref]:.3f}"]
+         for k, label, ref in rows]))
 
 
 if __name__ == "__main__":

@@ -76,12 +76,14 @@ def test_heldout_split_shares_no_layout_with_training():
 
 
 def test_write_image_is_deterministic_and_readable(tmp_path):
-    a = write_image(tmp_path / "a", n_train=16, n_val=4)
-    write_image(tmp_path / "b", n_train=16, n_val=4)
-    assert a.counts == {"train_images": 16, "val_images": 4, "train_shards": 8}
+    a = write_image(tmp_path / "a", n_train=16, n_val=4, n_documents=5)
+    write_image(tmp_path / "b", n_train=16, n_val=4, n_documents=5)
+    assert a.counts == {"train_images": 16, "val_images": 4, "train_shards": 8, "train_documents": 5}
+    assert sorted(f.name for f in a.files) == sorted([f"train-{i:06d}.tar" for i in range(8)] + ["val-000000.tar"]
+                                                     + [f"documents-{i:06d}.tar" for i in range(4)])
     for f in a.files:
         assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
-    samples = list(wds.WebDataset(str(a.files[-1]), shardshuffle=False))
+    samples = list(wds.WebDataset(str(tmp_path / "a" / "image" / "val-000000.tar"), shardshuffle=False))
     assert len(samples) == 4 and {"jpg", "txt", "json"} <= set(samples[0])
     meta = __import__("json").loads(samples[0]["json"])
     assert meta["caption"] == samples[0]["txt"].decode() and meta["qa"][0]["type"] == "colour"

@@ -5,6 +5,10 @@
 2. Resize without distortion, upscaling no further than one tile side.
 3. Pad with black at the bottom and right, scale to [0, 1], normalise with CLIP's mean and std.
 4. Cut into `rows × cols` tiles in row-major order.
+
+`tile_image` does all of it. Data loaders split it: `tile_image_uint8` (steps 1, 2, 4 and the padding) in
+their worker processes, whose tiles cross process boundaries at a quarter of the float size, and
+`normalize_images` on a whole batch where it is consumed; the result is bit for bit `tile_image`'s.
 """
 from __future__ import annotations
 
@@ -67,9 +71,8 @@ def _as_uint8_chw(image) -> torch.Tensor:
     raise TypeError(f"expected a PIL image or a uint8 tensor [3, H, W], got {type(image).__name__}")
 
 
-def tile_image(image, tile_size: int, max_num_tiles: int, mean=CLIP_MEAN, std=CLIP_STD
-               ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A PIL image or uint8 `[3, H, W]` tensor → (tiles `[rows·cols, 3, tile, tile]` float, (rows, cols))."""
+def tile_image_uint8(image, tile_size: int, max_num_tiles: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`tile_image` before normalisation: (tiles `[rows·cols, 3, tile, tile]` uint8, black padding, (rows, cols))."""
     x = _as_uint8_chw(image)
     h, w = x.shape[-2:]
     rows, cols = best_canvas(h, w, tile_size, max_num_tiles)
@@ -77,22 +80,37 @@ def tile_image(image, tile_size: int, max_num_tiles: int, mean=CLIP_MEAN, std=CL
     new_h, new_w = fit_size(h, w, canvas_h, canvas_w, tile_size)
     x = TF.resize(x, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     x = TF.pad(x, [0, 0, canvas_w - new_w, canvas_h - new_h], fill=0)  # left, top, right, bottom
-    x = TF.normalize(x.float() / 255.0, list(mean), list(std))
     tiles = x.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)
     return tiles.reshape(rows * cols, 3, tile_size, tile_size), (rows, cols)
+
+
+def normalize_tiles(tiles: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 pixels `[..., 3, S, S]` → float `(x / 255 − mean) / std`, the same operations in the same order as
+    `tile_image` (so the same bits on any device that rounds IEEE float32 division correctly)."""
+    if tiles.dtype != torch.uint8:
+        raise ValueError(f"normalize_tiles takes uint8 pixels, got {tiles.dtype}")
+    return TF.normalize(tiles.float() / 255.0, list(mean), list(std))
+
+
+def tile_image(image, tile_size: int, max_num_tiles: int, mean=CLIP_MEAN, std=CLIP_STD
+               ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A PIL image or uint8 `[3, H, W]` tensor → (tiles `[rows·cols, 3, tile, tile]` float, (rows, cols))."""
+    tiles, grid = tile_image_uint8(image, tile_size, max_num_tiles)
+    return normalize_tiles(tiles, mean, std), grid
 
 
 def stack_images(batch: list[list[tuple[torch.Tensor, tuple[int, int]]]], max_num_tiles: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample lists of `tile_image` outputs → images `[B, N, max_tiles, 3, S, S]`, ratios `[B, N, 2]`.
 
-    Empty slots (a sample with fewer than N images) hold zero pixels and aspect ratio (0, 0).
+    Empty slots (a sample with fewer than N images) hold zero pixels and aspect ratio (0, 0). The images keep
+    the tiles' dtype (float from `tile_image`, uint8 from `tile_image_uint8`: then see `normalize_images`).
     """
     n = max((len(sample) for sample in batch), default=0)
     if n == 0:
         raise ValueError("stack_images needs at least one image in the batch")
-    size = batch[next(i for i, s in enumerate(batch) if s)][0][0].shape[-1]
-    images = torch.zeros(len(batch), n, max_num_tiles, 3, size, size)
+    first = batch[next(i for i, s in enumerate(batch) if s)][0][0]
+    images = torch.zeros(len(batch), n, max_num_tiles, 3, first.shape[-1], first.shape[-1], dtype=first.dtype)
     ratios = torch.zeros(len(batch), n, 2, dtype=torch.long)
     for b, sample in enumerate(batch):
         for j, (tiles, (rows, cols)) in enumerate(sample):
@@ -102,3 +120,24 @@ def stack_images(batch: list[list[tuple[torch.Tensor, tuple[int, int]]]], max_nu
             images[b, j, : rows * cols] = tiles
             ratios[b, j] = torch.tensor([rows, cols])
     return images, ratios
+
+
+def normalize_images(images: torch.Tensor, aspect_ratios: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """`stack_images` of `tile_image_uint8` tiles (uint8 `[B, N, max_tiles, 3, S, S]`, ratios `[B, N, 2]`) → the
+    float images `stack_images` makes of `tile_image` tiles: real tiles normalised, empty tile slots zero.
+
+    The operations are `normalize_tiles`' (the same bits), applied in place a few tiles at a time on a CPU, where a
+    whole batch per operation would stream it through memory four times.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize_images takes uint8 pixels, got {images.dtype}")
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    src, dst = images.reshape(-1, *images.shape[-3:]), out.view(-1, *images.shape[-3:])
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    step = 4 if images.device.type == "cpu" else max(1, dst.shape[0])
+    for i in range(0, dst.shape[0], step):
+        dst[i : i + step].copy_(src[i : i + step]).div_(255.0).sub_(m).div_(s)
+    n_tiles = (aspect_ratios[..., 0] * aspect_ratios[..., 1]).to(images.device)
+    real = torch.arange(images.shape[2], device=images.device) < n_tiles[..., None]  # [B, N, max_tiles]
+    return dst.index_fill_(0, (~real).flatten().nonzero().squeeze(1), 0.0).view(images.shape)

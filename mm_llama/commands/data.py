@@ -52,6 +52,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     image.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     image.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
 
+    inter = kinds.add_parser("interleaved", help="Markdown files with ![](image) links and OBELICS-style JSONL "
+                                                 "(texts/images lists) -> interleaved image-text document shards")
+    inter.add_argument("--input", nargs="+", required=True, help="folders, .md or .jsonl files; image paths are "
+                                                                 "relative to the file naming them")
+    inter.add_argument("--out", required=True, help="output folder")
+    inter.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+    inter.add_argument("--prefix", default="train", help="shard name prefix (default: train)")
+
     video = kinds.add_parser("video", help="folders of frames or video files (+ TSV/JSONL captions and questions) "
                                            "-> video shards")
     video.add_argument("--videos", required=True, help="folder holding one sub-folder of frame images per video, or video "
@@ -110,6 +118,16 @@ def run(args) -> int:
         print(f"{report.images} images in {len(report.shards)} shards under {args.out} ({report.renamed} stored under "
               f"their real format's extension); skipped: {skipped}")
         return 0 if report.images else 1
+    if args.data_command == "pack" and args.modality == "interleaved":
+        from ..data.pack import parse_size
+        from ..data.pack_vision import pack_interleaved
+
+        report = pack_interleaved(args.input, args.out, shard_size=parse_size(args.shard_size), prefix=args.prefix)
+        for problem in report.problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        print(f"{report.documents} documents, {report.images} images in {len(report.shards)} shards under {args.out} "
+              f"({report.renamed} stored under their real format's extension); skipped: {report.skipped_text()}")
+        return 0 if report.documents else 1
     if args.data_command == "pack" and args.modality == "video":
         from ..data.pack import parse_size
         from ..data.pack_video import MissingExtra, pack_video

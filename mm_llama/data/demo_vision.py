@@ -8,6 +8,11 @@ from its own `random.Random` seeded by a digest of both, so any image can be reb
 
 The held-out split is disjoint from training: its scenes come from other seeds, and a held-out scene
 whose quantised layout also occurs in training is dropped (`scene_signature`).
+
+Beside the pairs, a small set of interleaved documents (`image/documents-*.tar`, the interleaved schema of
+`mm_llama.data.image_text`): each shows 2–3 training scenes, every picture followed by its caption
+("Picture 1 of 2: <image> A red circle in the top left. Picture 2 of 2: <image> Three blue squares."),
+so the text that describes a picture comes after its image token and can see it.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ IMAGE_SIZE = 84  # pixels per side; the tiny stages tile at 56 (downscaled) and 
 TRAIN_IMAGES = 4000
 VAL_IMAGES = 400
 TRAIN_SHARDS = 8  # enough for 2 ranks x 2 workers to each own shards
+DOCUMENT_SHARDS = 4
+DOCUMENTS_PER_IMAGE = 0.1  # interleaved documents per training image (400 for the 4000 images)
 JPEG_QUALITY = 90
 
 
@@ -156,11 +163,39 @@ def sample_of(key: str, scene: Scene) -> dict:
     return {"__key__": key, "jpg": jpeg_bytes(render(scene)), "txt": meta["caption"], "json": meta}
 
 
+def document_of(key: str, scenes: list[Scene]) -> dict:
+    """One shard sample in the interleaved document schema: "Picture i of n: <image> Caption." per scene."""
+    content, members = [], {}
+    for i, scene in enumerate(scenes):
+        member = f"img{i}.jpg"
+        end = "" if i == len(scenes) - 1 else " "
+        content += [{"type": "text", "text": f"Picture {i + 1} of {len(scenes)}: "}, {"type": "image", "member": member},
+                    {"type": "text", "text": f" {caption(scene).capitalize()}.{end}"}]
+        members[member] = jpeg_bytes(render(scene))
+    return {"__key__": key, "json": {"content": content, "source": "demo"}, **members}
+
+
+def write_documents(folder: Path, train: list[Scene], n_documents: int, shards: int = DOCUMENT_SHARDS) -> list[Path]:
+    """`documents-NNNNNN.tar`: `n_documents` documents of 2–3 training scenes each (drawn per document)."""
+    files = []
+    for shard in range(shards):
+        files.append(folder / f"documents-{shard:06d}.tar")
+        with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+            for d in range(shard, n_documents, shards):
+                rng = random.Random(derive_seed("demo-document", d))
+                sink.write(document_of(f"doc{d:07d}", rng.sample(train, rng.randint(2, 3))))
+    return files
+
+
 IMAGE_README = """\
 ## image/
 
 - `image/train-{{000000..{last:06d}}}.tar`: {train} rendered images ({size}×{size} JPEG) in {shards} shards.
 - `image/val-000000.tar`: {val} held-out images (other seeds; no layout shared with training).
+- `image/documents-{{000000..{doc_last:06d}}}.tar`: {documents} interleaved documents of 2–3 training images,
+  `json` {{"content": [{{"type": "text", "text": "Picture 1 of 2: "}}, {{"type": "image", "member": "img0.jpg"}},
+  {{"type": "text", "text": " A red circle in the top left. "}}, ...]}} with members `<key>.img0.jpg`, `<key>.img1.jpg`, ...
+  (the `vision_lm` stage reads them when `train.options.documents` names their source).
 
 Each sample is one scene of 1–4 shapes (circle, square, triangle) of one colour (red, green, blue,
 yellow), each in its own quadrant:
@@ -190,12 +225,17 @@ def write_split(folder: Path, train: list, val: list, train_shards: int, sample_
     return files
 
 
-def write_image(out: Path, n_train: int = TRAIN_IMAGES, n_val: int = VAL_IMAGES):
-    """Image shards for `mm-llama data demo`: captions and pixel-grounded questions (a `DemoPart`)."""
+def write_image(out: Path, n_train: int = TRAIN_IMAGES, n_val: int = VAL_IMAGES, n_documents: int | None = None):
+    """Image shards for `mm-llama data demo`: captions and pixel-grounded questions, and interleaved documents
+    (`n_documents`, default one per ten training images); a `DemoPart`."""
     from .demo import DemoPart  # demo.py imports this module to list it in MODALITIES
 
     train, val = demo_scenes(n_train, n_val)
+    n_documents = round(n_train * DOCUMENTS_PER_IMAGE) if n_documents is None else n_documents
     files = write_split(out / "image", train, val, TRAIN_SHARDS, sample_of)
-    counts = {"train_images": len(train), "val_images": len(val), "train_shards": TRAIN_SHARDS}
-    readme = IMAGE_README.format(last=TRAIN_SHARDS - 1, train=len(train), shards=TRAIN_SHARDS, val=len(val), size=IMAGE_SIZE)
+    files += write_documents(out / "image", train, n_documents)
+    counts = {"train_images": len(train), "val_images": len(val), "train_shards": TRAIN_SHARDS,
+              "train_documents": n_documents}
+    readme = IMAGE_README.format(last=TRAIN_SHARDS - 1, train=len(train), shards=TRAIN_SHARDS, val=len(val), size=IMAGE_SIZE,
+                                 doc_last=DOCUMENT_SHARDS - 1, documents=n_documents)
     return DemoPart("image", counts, readme, files)

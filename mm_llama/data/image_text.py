@@ -8,11 +8,26 @@ Image-text pair / image QA shard schema (WebDataset tar files; members of one sa
 | `<key>.txt`                  | the caption (image-text pairs; CLIP and caption targets)             |
 | `<key>.json`                 | optional object: `caption` (overrides `.txt`), `qa`: a list of `{"type", "question", "answer"}` (image QA; `type` is free text such as `colour`), `source`, `url`, ... |
 
-Interleaved image-text documents use the same members per image (`<key>.0.jpg` is not allowed: keys
-hold no dots, so images are `<key>.img0.jpg`, `<key>.img1.png`, ...) and a `<key>.json` with
-`"content": [{"type": "text", "text": ...}, {"type": "image", "member": "img0.jpg"}, ...]`, the chat
-format's parts. Video-text samples hold `<key>.jpgs.npz` (packed JPEG frames: `data`, `offsets`) and
-a `<key>.json` with `fps`, `num_frames`, `caption` and optional `qa`.
+Interleaved image-text document schema (one sample = one document whose text holds its images at their places):
+
+| member                       | content                                                              |
+|------------------------------|----------------------------------------------------------------------|
+| `<key>.json`                 | `{"content": [part, ...], "source": ..., ...}`; a part is `{"type": "text", "text": "..."}` or `{"type": "image", "member": "img0.jpg"}`, in reading order |
+| `<key>.img0.jpg`, `<key>.img1.png`, ... | the images the parts name (`img<i>.<jpg/jpeg/png/webp>`, numbered from 0 in order) |
+
+The parts are the chat format's content parts, and an image part names its member as in the dialog
+shards (`mm_llama.data.dialog`), so a document reads like the content of one message. Members are
+`img<i>.<ext>` rather than `<i>.<ext>`: the sample has no plain `jpg` member, so a pair loader pointed at
+document shards counts `no_image` instead of training on the first picture as a caption pair. A document
+becomes `[bos] text <|image|> text <|image|> ... [eos]` (`encode_document`: text parts as written, no
+separator added), one `<|image|>` per image at its place; each image is seen by the text from its token
+to the next image token (Meta's cross-attention mask, `adapters.cross_attention.image_spans`). At most
+`max_images` images are kept: the document is cut just before the next one (counted `truncated`), since
+a cut keeps the text about the images it keeps, where skipping the document would lose it all. A
+document longer than the sequence is cut there too, with the images past the cut. An image part whose
+member is missing or unusable is dropped and counted by reason (the text stays); a document left with no
+image is skipped. Video-text samples hold `<key>.jpgs.npz` (packed JPEG frames: `data`, `offsets`) and a
+`<key>.json` with `fps`, `num_frames`, `caption` and optional `qa` (`mm_llama.data.video`).
 
 Decoding (`decode_image`) sniffs the format from the bytes, decodes JPEG with
 `torchvision.io.decode_jpeg` and PNG/WebP/GIF with `decode_image`, and falls back to PIL for what
@@ -20,6 +35,9 @@ those reject but PIL reads (CMYK JPEGs, 16-bit PNGs). Unusable images are skippe
 reason: `empty`, `truncated`, `wrong_extension` (content is another format than the member says),
 `too_large` (more than `max_pixels`, checked from the header before decoding: decompression bombs),
 `undecodable`, `no_image` (no image member), `no_text` (no caption or question for the task).
+
+Workers tile in uint8 when asked (`uint8=True`: `tile_image_uint8`, a quarter of the bytes through shared
+memory); `model_images` normalises such a batch where it is used, to exactly the floats `tile_image` gives.
 
 `ImageLoader` streams examples like `TextLoader`: one deterministic, replayable stream per
 (rank, worker) consumer (`SourceStream`'s epoch → shard → sample walk and `Mixture`'s weighted
@@ -42,7 +60,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image as tv_decode_image, decode_jpeg
 
-from encoders.vision.transform import stack_images, tile_image
+from encoders.vision.transform import normalize_images, stack_images, tile_image, tile_image_uint8
 
 from .accounting import Counters
 from .config import DataConfig
@@ -124,18 +142,20 @@ class ImageCounters:
 
     decoded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # interleaved documents cut at `max_images` images
 
     def skip(self, reason: str, where: str, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         log.warning("skipped image %s (%s): %s", where, reason, message)
 
     def to_dict(self) -> dict:
-        return {"decoded": self.decoded, "skipped": dict(self.skipped)}
+        return {"decoded": self.decoded, "skipped": dict(self.skipped), "truncated": self.truncated}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ImageCounters":
         d = d or {}
-        return cls(int(d.get("decoded", 0)), {k: int(v) for k, v in d.get("skipped", {}).items()})
+        return cls(int(d.get("decoded", 0)), {k: int(v) for k, v in d.get("skipped", {}).items()},
+                   int(d.get("truncated", 0)))
 
 
 def sample_metadata(sample: dict) -> dict:
@@ -164,17 +184,29 @@ def sample_caption(sample: dict, meta: dict) -> str | None:
 
 @dataclass
 class Tiled:
-    """One decoded image cut into tiles: `[rows·cols, 3, tile, tile]` float, and (rows, cols)."""
+    """One decoded image cut into tiles: `[rows·cols, 3, tile, tile]` (float normalised, or uint8), and (rows, cols)."""
 
     tiles: torch.Tensor
     grid: tuple[int, int]
 
 
 class ImageDecoder:
-    """A shard sample → `Tiled` image (or None after counting why); runs inside the loader's workers."""
+    """A shard sample → `Tiled` image (or None after counting why); runs inside the loader's workers.
+    `uint8`: tiles before normalisation (`tile_image_uint8`), for `model_images` to finish."""
 
-    def __init__(self, tile_size: int, max_tiles: int, max_pixels: int = MAX_PIXELS):
-        self.tile_size, self.max_tiles, self.max_pixels = tile_size, max_tiles, max_pixels
+    def __init__(self, tile_size: int, max_tiles: int, max_pixels: int = MAX_PIXELS, uint8: bool = False):
+        self.tile_size, self.max_tiles, self.max_pixels, self.uint8 = tile_size, max_tiles, max_pixels, uint8
+
+    def tile(self, data: bytes, extension: str, where: str, counters: ImageCounters) -> Tiled | None:
+        """One image member's bytes → `Tiled`, or None after counting why it is unusable."""
+        try:
+            pixels = decode_image(data, extension, self.max_pixels)
+        except ImageError as e:
+            counters.skip(e.reason, where, str(e))
+            return None
+        counters.decoded += 1
+        tiles, grid = (tile_image_uint8 if self.uint8 else tile_image)(pixels, self.tile_size, self.max_tiles)
+        return Tiled(tiles, grid)
 
     def __call__(self, sample: dict, counters: ImageCounters) -> Tiled | None:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -182,14 +214,107 @@ class ImageDecoder:
         if member is None:
             counters.skip("no_image", where, f"no {'/'.join(IMAGE_MEMBERS)} member")
             return None
-        try:
-            pixels = decode_image(sample[member], member, self.max_pixels)
-        except ImageError as e:
-            counters.skip(e.reason, where, str(e))
+        return self.tile(sample[member], member, where, counters)
+
+
+def model_images(images: torch.Tensor, aspect_ratios: torch.Tensor) -> torch.Tensor:
+    """A batch's images as the model takes them: float images as they are, uint8 ones (`uint8=True` loaders)
+    normalised, with the same bits as if the workers had normalised them. Call it on the device."""
+    return normalize_images(images, aspect_ratios) if images.dtype == torch.uint8 else images
+
+
+# ------------------------------------------------------------------------------ interleaved documents
+
+@dataclass
+class Document:
+    """An interleaved document: its text parts (str) and images (`Tiled`) in reading order."""
+
+    parts: list[str | Tiled]
+
+    @property
+    def images(self) -> list[Tiled]:
+        return [p for p in self.parts if isinstance(p, Tiled)]
+
+
+def document_parts(sample: dict) -> list[dict]:
+    """The `content` parts of a document sample's `json` member; SkipSample when they are not a list of parts."""
+    content = sample_metadata(sample).get("content")
+    if not isinstance(content, list) or not content:
+        raise SkipSample("json member has no non-empty 'content' list (interleaved document schema)")
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind == "image" and isinstance(part.get("member"), str):
+            continue
+        raise SkipSample(f"content[{i}] is not a text part {{type: text, text}} or an image part {{type: image, member}}")
+    return content
+
+
+class DocumentDecoder:
+    """A document sample → `Document` with at most `max_images` decoded images (or None after counting why).
+
+    Runs in the loader's workers. Unusable or missing image members are dropped and counted by reason; at the
+    image after the `max_images`-th the document is cut (counted in `truncated`).
+    """
+
+    def __init__(self, images: ImageDecoder, max_images: int):
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.images, self.max_images = images, max_images
+
+    def __call__(self, sample: dict, counters: ImageCounters) -> Document | None:
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        parts: list[str | Tiled] = []
+        n_images = 0
+        content = document_parts(sample)
+        for part in content:
+            if part["type"] == "text":
+                if part["text"]:
+                    parts.append(part["text"])
+                continue
+            if n_images == self.max_images:
+                counters.truncated += 1
+                break
+            member = part["member"]
+            if member not in sample:
+                counters.skip("no_image", f"{where}:{member}", "the content names a member the sample lacks")
+                continue
+            tiled = self.images.tile(sample[member], member.rsplit(".", 1)[-1], f"{where}:{member}", counters)
+            if tiled is not None:
+                parts.append(tiled)
+                n_images += 1
+        if n_images == 0:
+            if not any(p["type"] == "image" for p in content):
+                counters.skip("no_image", where, "the document has no image part")
             return None
-        counters.decoded += 1
-        tiles, grid = tile_image(pixels, self.tile_size, self.max_tiles)
-        return Tiled(tiles, grid)
+        return Document(parts)
+
+
+def encode_document(document: Document, tokenizer, max_tokens: int) -> tuple[list[int], list[bool], list[Tiled]]:
+    """`[bos] text <|image|> text ... [eos]` → (tokens, loss mask, the images whose token is kept, in order).
+
+    The mask marks every text token and the eos as a target (not bos, not `<|image|>`: where an image goes
+    is given, not predicted). A document longer than `max_tokens` is cut there and the images past the cut
+    dropped; SkipSample when no image token is left.
+    """
+    tokens, mask, images = [tokenizer.bos_id], [False], []
+    for part in document.parts:
+        if isinstance(part, Tiled):
+            tokens.append(tokenizer.image_id)
+            mask.append(False)
+            images.append(part)
+        else:
+            ids = tokenizer.encode(part, bos=False, eos=False)
+            tokens += ids
+            mask += [True] * len(ids)
+    tokens.append(tokenizer.eos_id)
+    mask.append(True)
+    tokens, mask = tokens[:max_tokens], mask[:max_tokens]
+    images = images[: tokens.count(tokenizer.image_id)]
+    if not images:
+        raise SkipSample(f"no <|image|> within the first {max_tokens} tokens")
+    return tokens, mask, images
 
 
 # ------------------------------------------------------------------------------------------- the loader
@@ -219,6 +344,16 @@ class ImageSourceStream(SourceStream):
 
 
 @dataclass
+class DocumentSources:
+    """The training sources whose samples are interleaved documents, and how a task makes their examples:
+    `make_example(sample, document, seed)` (a `Document` of at most `max_images` images)."""
+
+    names: tuple[str, ...]
+    make_example: MakeExample
+    max_images: int
+
+
+@dataclass
 class _Plan:
     """Everything a consumer needs; pickled into DataLoader workers."""
 
@@ -232,6 +367,8 @@ class _Plan:
     rank: int
     world_size: int
     workers: int
+    documents: DocumentSources | None = None
+    document_decoder: DocumentDecoder | None = None
 
 
 def consumer_batches(plan: _Plan, worker: int, state: dict) -> Iterator[tuple[Any, dict]]:
@@ -244,6 +381,8 @@ def consumer_batches(plan: _Plan, worker: int, state: dict) -> Iterator[tuple[An
         stream = ImageSourceStream(s, plan.urls[s.name], consumer, n_consumers, plan.seed, plan.cfg.shuffle,
                                    plan.cfg.shuffle_buffer, counters)
         stream.decoder, stream.make_example, stream.image_counters = plan.decoder, plan.make_example, images
+        if plan.documents is not None and s.name in plan.documents.names:
+            stream.decoder, stream.make_example = plan.document_decoder, plan.documents.make_example
         streams.append(stream)
     mixture = Mixture([s.weight for s in plan.cfg.sources], plan.seed, consumer)
     examples = mixed_documents(streams, mixture, state.get("position") or start_position(streams))
@@ -275,18 +414,28 @@ class ImageLoader:
     a pure function of run seed, sample key and epoch, for choices such as which question to ask);
     `collate(examples)` makes the batch. Both run in the workers, so they must pickle (module-level
     functions or classes). `data.num_workers` worker processes per rank; 0 reads in this process.
+    `uint8=True`: tiles stay uint8 (a quarter of the bytes from the workers); `model_images` normalises them.
+    `documents`: sources holding interleaved documents, whose samples go to `documents.make_example` as a
+    `Document` instead.
     """
 
     def __init__(self, cfg: DataConfig, make_example: MakeExample, collate: Callable[[list], Any], *, batch_size: int,
                  seed: int, tile_size: int, max_tiles: int, rank: int = 0, world_size: int = 1,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, uint8: bool = False, documents: DocumentSources | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if documents is not None:
+            unknown = sorted(set(documents.names) - {s.name for s in cfg.sources})
+            if unknown:
+                raise ValueError(f"document sources {unknown} are not among data.sources "
+                                 f"({', '.join(s.name for s in cfg.sources)})")
         urls = {s.name: source_shards(s, cfg.root) for s in cfg.sources}
-        self._plan = _Plan(cfg, urls, ImageDecoder(tile_size, max_tiles, max_pixels), make_example, collate,
-                           batch_size, seed, rank, world_size, max(1, cfg.num_workers))
+        decoder = ImageDecoder(tile_size, max_tiles, max_pixels, uint8)
+        self._plan = _Plan(cfg, urls, decoder, make_example, collate, batch_size, seed, rank, world_size,
+                           max(1, cfg.num_workers), documents,
+                           DocumentDecoder(decoder, documents.max_images) if documents is not None else None)
         self._states: list[dict] = [{} for _ in range(self._plan.workers)]
         self._next = 0
 
@@ -329,7 +478,8 @@ class ImageLoader:
         self._next = int(state["next_worker"])
 
     def stats(self) -> dict:
-        """`skipped_samples`, `skipped_shards`, `examples`, `decoded_images`, `skipped_images` by reason."""
+        """`skipped_samples`, `skipped_shards`, `examples`, `decoded_images`, `skipped_images` by reason,
+        `truncated_documents` (interleaved documents cut at `max_images`)."""
         counters = [Counters.from_dict(s.get("stats")) for s in self._states]
         images = [ImageCounters.from_dict(s.get("images")) for s in self._states]
         reasons: dict[str, int] = {}
@@ -339,7 +489,8 @@ class ImageLoader:
         return {"skipped_samples": sum(c.skipped_samples for c in counters),
                 "skipped_shards": sum(c.skipped_shards for c in counters),
                 "examples": sum(c.documents for c in counters),
-                "decoded_images": sum(c.decoded for c in images), "skipped_images": reasons}
+                "decoded_images": sum(c.decoded for c in images), "skipped_images": reasons,
+                "truncated_documents": sum(c.truncated for c in images)}
 
 
 def heldout_examples(cfg: DataConfig, make_example: MakeExample, *, tile_size: int, max_tiles: int, seed: int,
@@ -364,6 +515,7 @@ def heldout_examples(cfg: DataConfig, make_example: MakeExample, *, tile_size: i
     return out, images
 
 
-def collate_images(tiled: list[Tiled], max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image per example → images `[batch, 1, max_tiles, 3, tile, tile]`, aspect ratios `[batch, 1, 2]`."""
-    return stack_images([[(t.tiles, t.grid)] for t in tiled], max_tiles)
+def collate_images(tiled: list[Tiled | list[Tiled]], max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image (or a list of images) per example → images `[batch, n_images, max_tiles, 3, tile, tile]` (the
+    tiles' dtype; n_images the most any example has, empty slots zero), aspect ratios `[batch, n_images, 2]`."""
+    return stack_images([[(t.tiles, t.grid) for t in (x if isinstance(x, list) else [x])] for x in tiled], max_tiles)

@@ -1,4 +1,4 @@
-"""`mm-llama data pack image`: a folder of images (+ captions and questions) → image shards.
+"""`mm-llama data pack image` / `interleaved`: images (+ captions and questions), or documents with images → shards.
 
 Captions come from a `.tsv` (header row; columns `image`, `caption`, and optionally `question`, `answer`,
 `type` for one question per row) or a `.jsonl` (objects with `image`, `caption` and optionally `qa`, a list
@@ -9,20 +9,28 @@ Every image is fully decoded first (`decode_image`), so a shard never holds one 
 skip: unusable ones are skipped and counted by reason (`empty`, `truncated`, `undecodable`,
 `too_large`, `missing_image`, `no_caption`, `bad_record`). An image whose extension lies about its
 format is stored under the member name of its real format (counted as `renamed`); GIFs are stored as PNG.
+
+`pack interleaved` reads documents with images at their places (`pack_interleaved`): Markdown files, whose
+`![alt](path)` links are the images, and JSONL files in OBELICS' layout (one document per line, parallel
+`texts` and `images` lists, at each index one of them set: the layout of the public interleaved web corpora
+OBELICS and MINT-1T, with local paths where those hold URLs). Images are checked as above.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import webdataset as wds
 from PIL import Image
 
 from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
-from .pack import MediaPackReport, jsonl_records
+from .pack import META_FIELDS, MediaPackReport, jsonl_records
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 _MEMBER = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -133,6 +141,143 @@ def pack_image(image_dir: str | Path, out: str | Path, captions: str | Path | No
                 sample["txt"] = meta["caption"]
             writer.write(sample)
             report.images += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return report
+
+
+# ------------------------------------------------------------------------------ interleaved documents
+
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'][^\"']*[\"'])?\s*\)")
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+@dataclass
+class InterleavedPackReport(MediaPackReport):
+    documents: int = 0
+    images: int = 0
+    renamed: int = 0
+
+
+def markdown_segments(path: Path, text: str) -> list[tuple]:
+    """A Markdown file → `("text", str)` and `("image", link, line)` in order; `![alt](link)` links are images
+    (the alt text is left out; reference-style links and HTML `<img>` stay text)."""
+    segments: list[tuple] = []
+    at = 0
+    for m in MARKDOWN_IMAGE.finditer(text):
+        segments += [("text", text[at : m.start()]), ("image", unquote(m.group(1)), text.count("\n", 0, m.start()) + 1)]
+        at = m.end()
+    return segments + [("text", text[at:])]
+
+
+def obelics_segments(path: Path, line: int, record: dict) -> list[tuple]:
+    """One JSONL record in OBELICS' layout, `{"texts": [str | null, ...], "images": [path | null, ...]}` (at each
+    index exactly one is set) → segments as `markdown_segments` gives; ValueError naming `path:line` otherwise."""
+    texts, images = record.get("texts"), record.get("images")
+    if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+        raise ValueError(f"{path}:{line}: expected 'texts' and 'images' lists of equal length (OBELICS layout)")
+    segments = []
+    for i, (t, im) in enumerate(zip(texts, images)):
+        if isinstance(t, str) and im is None:
+            segments.append(("text", t))
+        elif isinstance(im, str) and im and t is None:
+            segments.append(("image", im, line))
+        else:
+            raise ValueError(f"{path}:{line}: at index {i} exactly one of texts[{i}] (a string) and images[{i}] "
+                             f"(a path) must be set, the other null")
+    return segments
+
+
+def interleaved_documents(inputs: list[str | Path]) -> Iterator[tuple[Path, int, list[tuple], dict]]:
+    """`(file, line, segments, metadata)` per document of the inputs: folders (searched recursively for `.md` and
+    `.jsonl`, sorted), `.md` files (one document each) and `.jsonl` files (one OBELICS record per line)."""
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in (".md", ".jsonl"))
+        elif item.is_file() and item.suffix.lower() in (".md", ".jsonl"):
+            files = [item]
+        elif item.exists():
+            raise ValueError(f"{item}: expected a folder, .md or .jsonl file")
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+        for path in files:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix.lower() == ".md":
+                yield path, 1, markdown_segments(path, text), {"source": str(path)}
+                continue
+            for line, raw in enumerate(text.splitlines(), 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line}: not JSON ({e.msg})") from e
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line}: expected a JSON object")
+                meta = {k: record[k] for k in META_FIELDS if k in record}
+                yield path, line, obelics_segments(path, line, record), {"source": f"{path}:{line}"} | meta
+
+
+def pack_interleaved(inputs: list[str | Path], out: str | Path, *, shard_size: int = 256 * 10**6,
+                     prefix: str = "train", max_pixels: int = MAX_PIXELS) -> InterleavedPackReport:
+    """Write `out/<prefix>-000000.tar, …` in the interleaved document schema (`mm_llama.data.image_text`).
+
+    Image paths are relative to the file that names them. A path that does not exist, or a remote URL, is an
+    error naming the file and line (the input is wrong, not the data). An image file that cannot be used is
+    left out and counted by reason (its document keeps its text); a document with no usable image is skipped
+    (`no_image`). Text is kept as written (the loader joins parts without adding separators) but for the
+document's leading and trailing whitespace; whitespace-only text between images is dropped.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+        raise ValueError(f"prefix {prefix!r}: use letters, digits, '_' and '-' only")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = InterleavedPackReport()
+    writer = None
+    try:
+        for path, line, segments, meta in interleaved_documents(inputs):
+            at = f"{path}:{line}"
+            content, members = [], {}
+            for i, segment in enumerate(segments):
+                if segment[0] == "text":
+                    text = segment[1].lstrip() if i == 0 else segment[1]
+                    text = text.rstrip() if i == len(segments) - 1 else text
+                    if text.strip():
+                        content.append({"type": "text", "text": text})
+                    continue
+                link, link_line = segment[1], segment[2]
+                if _REMOTE.match(link):
+                    raise ValueError(f"{path}:{link_line}: {link} is a remote image; download it and link the local file")
+                image = path.parent / link
+                if not image.is_file():
+                    raise FileNotFoundError(f"{path}:{link_line}: image {link} not found (looked for {image})")
+                data = image.read_bytes()
+                kind = sniff_format(data) if data else None
+                try:
+                    decode_image(data, kind or image.suffix.lstrip("."), max_pixels)
+                except ImageError as e:
+                    report.skip(e.reason, f"{path}:{link_line}: {image}: {e}")
+                    continue
+                if kind == "gif":
+                    buf = io.BytesIO()
+                    with Image.open(io.BytesIO(data)) as im:
+                        im.convert("RGB").save(buf, format="PNG")
+                    data, kind = buf.getvalue(), "png"
+                elif _MEMBER[kind] != image.suffix.lower().lstrip(".").replace("jpeg", "jpg"):
+                    report.renamed += 1
+                member = f"img{len(members)}.{_MEMBER[kind]}"
+                members[member] = data
+                content.append({"type": "image", "member": member})
+            if not members:
+                report.skip("no_image", f"{at}: no usable image in the document")
+                continue
+            if writer is None:
+                writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
+                                         post=lambda name: report.shards.append(Path(name)))
+            writer.write({"__key__": f"{report.documents:012d}", "json": {"content": content, **meta}, **members})
+            report.documents += 1
+            report.images += len(members)
     finally:
         if writer is not None:
             writer.close()

@@ -12,6 +12,13 @@ example is one image and one turn in the chat format, `<|image|>` + question →
 the answer tokens only (ChatFormat's loss mask). The question is drawn per (sample, epoch) from the
 sample's `qa` list (and its caption, under "Describe the image.", when `targets` includes `caption`).
 
+Sources named in `train.options.documents` hold interleaved image-text documents instead
+(`mm_llama.data.image_text`): an example is the whole document, `[bos] text <|image|> text ... [eos]`
+with up to `max_images` images, each seen from its token to the next image token, and the loss covers
+every text token (language modelling on the document). They mix with the pair sources by `weight`; a
+batch may then hold several images per row (empty slots padded, aspect ratio (0, 0)).
+Workers ship uint8 tiles; `ChatBatch.media_inputs` normalises them on the device.
+
 Evaluation asks every held-out question: an answer is right when greedy decoding would produce exactly
 its tokens and the end of turn. With the prompt and answer teacher-forced, that holds if and only if
 the argmax at every answer position is the next answer token, so one forward pass decides it. Beside
@@ -33,7 +40,8 @@ from torch import nn
 from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, is_run_dir, read_safetensors, run_dir_model
 from ...config import ConfigError, ModelConfig, load_config
 from ...data.demo_vision import ANSWERS
-from ...data.image_text import ImageLoader, Tiled, collate_images, heldout_examples, sample_caption, sample_metadata
+from ...data.image_text import (Document, DocumentSources, ImageLoader, Tiled, collate_images, encode_document,
+                                heldout_examples, model_images, sample_caption, sample_metadata)
 from ...data.text_stream import SkipSample
 from ...model.multimodal import MultimodalModel
 from ...text import ChatFormat
@@ -123,13 +131,21 @@ def load_composed(model: MultimodalModel, folder: Path, fresh: tuple[str, ...] =
 
 
 class VisionLMOptions(BaseModel):
-    """`train.options` of the `vision_lm` objective."""
+    """`train.options` the image and video stages share."""
 
     model_config = ConfigDict(extra="forbid")
 
     encoder_from: str | None = Field(None, description="a CLIP stage's run dir (or model folder): the encoder's start")
     targets: list[Literal["qa", "caption"]] = Field(default_factory=lambda: ["qa"], min_length=1,
                                                     description="what an example asks: a qa pair and/or the caption")
+
+
+class ImageLMOptions(VisionLMOptions):
+    """`train.options` of the `vision_lm` objective: the shared ones and the interleaved-document sources."""
+
+    documents: list[str] = Field(default_factory=list, description="names of data.sources whose shards hold "
+                                 "interleaved image-text documents (the other sources hold image-text pairs)")
+    max_images: int = Field(4, gt=0, description="images kept per interleaved document; it is cut before the next")
 
 
 @dataclass
@@ -144,8 +160,21 @@ class ChatExample:
 
 
 @dataclass
+class DocumentExample:
+    """An interleaved document: its images in order and its tokens (one `<|image|>` per image); text tokens are targets."""
+
+    media: list[Tiled]
+    tokens: list[int]
+    loss_mask: list[bool]
+    kind: str = "document"
+    answer: str = ""
+
+
+@dataclass
 class ChatBatch:
-    """tokens, labels `[batch, seq]` (labels −100 off the answers), images `[batch, 1, tiles, 3, S, S]`, ratios `[batch, 1, 2]`."""
+    """tokens, labels `[batch, seq]` (labels −100 off the targets), images `[batch, n_images, tiles, 3, S, S]` (uint8
+    from the training loader, float normalised from `heldout`), ratios `[batch, n_images, 2]`; n_images is 1 for
+    image-text pairs and the most images of any row when the batch holds documents."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -155,8 +184,9 @@ class ChatBatch:
     answers: list[str]
 
     def media_inputs(self, device) -> dict[str, torch.Tensor]:
-        """The model's keyword arguments for this batch's media."""
-        return {"images": self.images.to(device), "aspect_ratios": self.aspect_ratios.to(device)}
+        """The model's keyword arguments for this batch's media (uint8 images normalised on `device`)."""
+        ratios = self.aspect_ratios.to(device)
+        return {"images": model_images(self.images.to(device), ratios), "aspect_ratios": ratios}
 
 
 def sample_questions(sample: dict, targets: list[str]) -> list[tuple[str, str, str]]:
@@ -203,8 +233,20 @@ class ChatExamples:
         return self._example(image, *found[seed % len(found)])
 
 
+class DocumentExamples:
+    """An interleaved document (`Document`) → `DocumentExample` of at most `max_len + 1` tokens; runs in the workers."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, sample: dict, document: Document, seed: int) -> DocumentExample:
+        tokens, mask, images = encode_document(document, self.tokenizer, self.max_len + 1)
+        return DocumentExample(images, tokens, mask)
+
+
 class CollateChat:
-    """Right-pads the dialogs of a batch to its longest; labels are the next token where the loss mask is set."""
+    """Right-pads the dialogs (and documents) of a batch to its longest; labels are the next token where the loss
+    mask is set."""
 
     def __init__(self, pad_id: int, max_tiles: int):
         self.pad_id, self.max_tiles = pad_id, max_tiles
@@ -273,10 +315,17 @@ class VisionLM(MediaChatTask):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.opts = self.options(VisionLMOptions)
+        self.opts = self.options(ImageLMOptions)
         if cfg.model.vision is None:
             raise ConfigError(f"stage '{cfg.name}': the vision_lm objective needs a model with a vision: section")
         self.encoder = cfg.model.vision.encoder
+        names = {s.name for s in cfg.data.sources}
+        unknown = [n for n in self.opts.documents if n not in names]
+        if unknown:
+            held = {s.name for s in cfg.data.heldout}
+            why = " (held-out sources are asked questions; documents are training data)" if set(unknown) & held else ""
+            raise ConfigError(f"train.options.documents: {unknown} are not data.sources names "
+                              f"({', '.join(sorted(names))}){why}")
 
     def check(self) -> None:
         self.check_data()
@@ -290,9 +339,14 @@ class VisionLM(MediaChatTask):
         return CollateChat(self.tokenizer.pad_id, self.encoder.max_num_tiles)
 
     def loader(self, seq_len, batch_size, rank, world_size):
+        documents = None
+        if self.opts.documents:
+            documents = DocumentSources(tuple(self.opts.documents), DocumentExamples(self.tokenizer, seq_len),
+                                        self.opts.max_images)
         return ImageLoader(self.cfg.data, ChatExamples(self.tokenizer, self.opts.targets, seq_len), self._collate(),
                            batch_size=batch_size, seed=self.cfg.run.seed, tile_size=self.encoder.tile_size,
-                           max_tiles=self.encoder.max_num_tiles, rank=rank, world_size=world_size)
+                           max_tiles=self.encoder.max_num_tiles, rank=rank, world_size=world_size, uint8=True,
+                           documents=documents)
 
     def heldout(self, seq_len, batch_size) -> list:
         """Every question of the held-out images, up to `train.eval_batches` batches."""
