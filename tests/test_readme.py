@@ -133,7 +133,8 @@ def prepare_inputs(demo: Path) -> None:
 
 
 def prepare_media() -> None:
-    """A few pictures, two videos as frame folders and two audio clips, with their TSV files."""
+    """A few pictures, two videos as frame folders, two audio clips (with their TSV files) and two
+    interleaved documents."""
     import numpy as np
     import soundfile
     from PIL import Image
@@ -162,6 +163,9 @@ def prepare_media() -> None:
         soundfile.write(f"audio/a{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 100 * i) * t)).astype(np.float32), 16000)
         rows.append(f"a{i}.wav\ta tone number {i}")
     Path("audio.tsv").write_text("\n".join(rows) + "\n")
+    Path("docs").mkdir()  # interleaved documents: Markdown with picture links, and OBELICS-style JSONL
+    Path("docs/colours.md").write_text("Two colours.\n\n![red](../photos/p0.png)\n\nThen blue.\n\n![](../photos/p1.png)\n")
+    Path("pages.jsonl").write_text(json.dumps({"texts": ["A green page.", None], "images": [None, "photos/p2.png"]}) + "\n")
 
 
 # The README's IsoFLOPs grid made a hundred times cheaper: two budgets × three widths, a few steps each.
