@@ -1,4 +1,5 @@
 """Pipeline graphs: order, selection, inputs, and the bad graphs rejected before anything runs."""
+import json
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,20 @@ def test_stage_metrics_are_flat_with_baselines():
                    "vision_adapter.image_qa_accuracy_colour_baseline": 0.3}
     got = stage_metrics("speech_adapter", {"asr_wer": 0.2, "asr_wer_baseline": 0.65})
     assert got == {"speech_adapter.asr_wer": 0.2, "speech_adapter.asr_wer_baseline": 0.65}
+
+
+def test_stage_times_add_up_and_reach_the_summary(tmp_path):
+    from mm_llama.commands.pipeline import _clock, _record_time
+    from mm_llama.pipeline.report import write_report
+
+    start = _clock()
+    sum(i * i for i in range(200_000))  # some CPU time to record
+    _record_time(tmp_path, "text", start)
+    first = json.loads((tmp_path / "timings.json").read_text())["text"]
+    assert first["cpu_s"] >= 0 and first["wall_s"] >= 0
+    _record_time(tmp_path, "text", (start[0] - 10.0, start[1] - 4.0))  # a resumed run adds its own time
+    again = json.loads((tmp_path / "timings.json").read_text())["text"]
+    assert again["wall_s"] >= first["wall_s"] + 10.0 and again["cpu_s"] >= first["cpu_s"] + 4.0
+    write_report(tmp_path, "g", ["text"], {"heldout_loss": 3.0, "heldout_loss_baseline": 6.0})
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Time per stage" in summary and f"| text | {again['wall_s']:.0f} | {again['cpu_s']:.0f} |" in summary

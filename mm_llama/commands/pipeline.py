@@ -1,6 +1,9 @@
 """`mm-llama pipeline CONFIG [--out DIR] [--only S ...] [--from S]`: run a stage graph, resuming."""
 from __future__ import annotations
 
+import json
+import resource
+import time
 from pathlib import Path
 
 
@@ -40,10 +43,12 @@ def run(args) -> int:
                                  resolve_stage_config(pipeline, s, path), [*stage_overrides(pipeline, s, out), *extra])
     for s in chosen:
         print(f"== stage {s} ({pipeline.stages[s].config}) -> {out / s}", flush=True)
+        start = _clock()
         if pipeline.stages[s].kind == "rejection_sampling":
             run_rejection_sampling(configs[s])
         else:
             train_stage(configs[s])
+        _record_time(out, s, start)
     if args.no_eval:
         return 0
     metrics = collect(out, order)
@@ -53,3 +58,19 @@ def run(args) -> int:
     write_report(out, pipeline.name, order, metrics)
     print(f"wrote {out / 'eval.json'} and {out / 'summary.md'}")
     return 0
+
+
+def _clock() -> tuple[float, float]:
+    """(wall s, CPU s of this process and its finished children: the data-loader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _record_time(out: Path, stage: str, start: tuple[float, float]) -> None:
+    """Adds this invocation's time for `stage` to `out/timings.json` (a resumed stage sums its runs)."""
+    wall, cpu = (now - then for now, then in zip(_clock(), start))
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    before = timings.get(stage, {"wall_s": 0.0, "cpu_s": 0.0})
+    timings[stage] = {"wall_s": round(before["wall_s"] + wall, 1), "cpu_s": round(before["cpu_s"] + cpu, 1)}
+    path.write_text(json.dumps(timings, indent=2) + "\n")

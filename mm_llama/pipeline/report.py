@@ -72,6 +72,10 @@ def write_report(out: Path, name: str, order: list[str], metrics: dict[str, floa
         if not key.endswith("_baseline"):
             base = metrics.get(f"{key}_baseline")
             lines.append(f"| {key} | {value:.4f} | {'-' if base is None else f'{base:.4f}'} |")
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    if timings:
+        lines += ["", "## Time per stage", "", "| stage | wall s | CPU s (incl. loader workers) |", "|---|---|---|"]
+        lines += [f"| {s} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} |" for s, t in timings.items() if s in order]
     lines += ["", "## Training curves", ""]
     lines += [f"### {s}\n\n![{s}]({s}/plots/loss.png)\n" for s in order if (out / s / "plots" / "loss.png").exists()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
