@@ -42,6 +42,26 @@ class ImagePackReport(MediaPackReport):
     renamed: int = 0
 
 
+def checked_image(path: Path, report, at: str, max_pixels: int) -> tuple[str, bytes] | None:
+    """(member extension, bytes) of an image file the loaders can read, or None: skipped and counted by reason.
+    A mislabelled format is stored under its real extension (counted as `renamed`); a GIF becomes PNG."""
+    data = path.read_bytes()
+    kind = sniff_format(data) if data else None
+    try:
+        decode_image(data, kind or path.suffix.lstrip("."), max_pixels)
+    except ImageError as e:
+        report.skip(e.reason, f"{at}: {path}: {e}")
+        return None
+    if kind == "gif":
+        buf = io.BytesIO()
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").save(buf, format="PNG")
+        return "png", buf.getvalue()
+    if _MEMBER[kind] != path.suffix.lower().lstrip(".").replace("jpeg", "jpg"):
+        report.renamed += 1
+    return _MEMBER[kind], data
+
+
 def read_captions(path: str | Path, item: str = "image") -> list[dict]:
     """Records `{item, "caption"?, "qa"?, "_line"}` of a caption file (module docstring); `item` names the media
     column or field (`image`, or `video` for `pack video`)."""
@@ -114,20 +134,9 @@ def pack_image(image_dir: str | Path, out: str | Path, captions: str | Path | No
             if not path.is_file():
                 report.skip("missing_image", f"{at}: no image file {path}")
                 continue
-            data = path.read_bytes()
-            kind = sniff_format(data) if data else None
-            try:
-                decode_image(data, kind or path.suffix.lstrip("."), max_pixels)
-            except ImageError as e:
-                report.skip(e.reason, f"{at}: {path}: {e}")
+            if (checked := checked_image(path, report, at, max_pixels)) is None:
                 continue
-            if kind == "gif":
-                buf = io.BytesIO()
-                with Image.open(io.BytesIO(data)) as im:
-                    im.convert("RGB").save(buf, format="PNG")
-                data, kind = buf.getvalue(), "png"
-            elif _MEMBER[kind] != path.suffix.lower().lstrip(".").replace("jpeg", "jpg"):
-                report.renamed += 1
+            member, data = checked
             meta = {"source": record["image"]}
             if isinstance(caption, str) and caption.strip():
                 meta["caption"] = caption.strip()
@@ -136,7 +145,7 @@ def pack_image(image_dir: str | Path, out: str | Path, captions: str | Path | No
             if writer is None:
                 writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
                                          post=lambda name: report.shards.append(Path(name)))
-            sample = {"__key__": f"{report.images:012d}", _MEMBER[kind]: data, "json": meta}
+            sample = {"__key__": f"{report.images:012d}", member: data, "json": meta}
             if "caption" in meta:
                 sample["txt"] = meta["caption"]
             writer.write(sample)
@@ -252,21 +261,10 @@ document's leading and trailing whitespace; whitespace-only text between images 
                 image = path.parent / link
                 if not image.is_file():
                     raise FileNotFoundError(f"{path}:{link_line}: image {link} not found (looked for {image})")
-                data = image.read_bytes()
-                kind = sniff_format(data) if data else None
-                try:
-                    decode_image(data, kind or image.suffix.lstrip("."), max_pixels)
-                except ImageError as e:
-                    report.skip(e.reason, f"{path}:{link_line}: {image}: {e}")
+                if (checked := checked_image(image, report, f"{path}:{link_line}", max_pixels)) is None:
                     continue
-                if kind == "gif":
-                    buf = io.BytesIO()
-                    with Image.open(io.BytesIO(data)) as im:
-                        im.convert("RGB").save(buf, format="PNG")
-                    data, kind = buf.getvalue(), "png"
-                elif _MEMBER[kind] != image.suffix.lower().lstrip(".").replace("jpeg", "jpg"):
-                    report.renamed += 1
-                member = f"img{len(members)}.{_MEMBER[kind]}"
+                member = f"img{len(members)}.{checked[0]}"
+                data = checked[1]
                 members[member] = data
                 content.append({"type": "image", "member": member})
             if not members:
