@@ -182,3 +182,20 @@ def test_pack_speech_bad_inputs(tmp_path):
         pack_speech(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(ValueError, match="task 'translate'"):
         pack_speech(tmp_path, tmp_path / "out", task="translate")
+
+
+def test_more_demo_training_sentences_leave_the_heldout_split_alone(monkeypatch):
+    """The demo's held-out sentences (and the spoken training sentences drawn with them) do not move when the
+    training set grows, so results before and after compare and text stages that keep them out stay valid."""
+    from mm_llama.data import demo_speech as ds
+
+    now = ds.clips()
+    train = [c for c in now if c.split == "train" and c.kind == "sentence"]
+    heldout = [c for c in now if c.split == "val"]
+    assert len(train) == ds.N_TRAIN_SENTENCES == 300 and len({c.text for c in train}) == 300
+    assert not {c.text for c in train} & {c.text for c in heldout}
+    monkeypatch.setattr(ds, "N_TRAIN_SENTENCES", ds.N_FIRST_TRAIN_SENTENCES)
+    before = ds.clips()
+    assert [c for c in before if c.split == "val"] == heldout
+    assert [c for c in before if c.split == "train" and c.kind == "sentence"] == train[:ds.N_FIRST_TRAIN_SENTENCES]
+    assert heldout[0].key == "s040-en_gb_x_rp-165" and train[0].text == before[0].text
