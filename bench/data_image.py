@@ -8,7 +8,9 @@ when the device is the CPU). Beside them the previous float path (workers normal
 tiles). Limit: the same JPEG bytes decoded with `torchvision.io.decode_jpeg` and tiled with
 `tile_image` (normalisation included) in a tight loop, split over a pool of the same number of processes
 (one thread each), and the same with `tile_image_uint8` (the limit of the uint8 batches). Rounds alternate
-between all five; medians are reported, with the load average.
+between all five; medians are reported, with the load average. Beside samples/s, the CPU time per sample of
+this process and all its children (loader workers, pool processes; read from /proc): on a machine shared
+with other jobs the wall-clock rates swing with their load, the CPU each sample costs much less.
 
     python bench/data_image.py [--images 1536] [--workers 2] [--width 448 --height 336] [--tile 224]
 """
@@ -60,6 +62,22 @@ class CollateTiles:
         return collate_images(examples, self.max_tiles)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (Linux /proc)."""
+    tick, me, total = os.sysconf("SC_CLK_TCK"), os.getpid(), time.process_time()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == me:  # fields after the name: state, ppid, ..., utime (12th), stime (13th)
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _limit_chunk(args) -> int:
     jpegs, tile, max_tiles, uint8 = args
     torch.set_num_threads(1)
@@ -92,44 +110,49 @@ def main() -> None:
         cfg = DataConfig(root=tmp, sources=[{"name": "img", "shards": "img-*.tar"}], num_workers=a.workers)
         n_batches = a.images // a.batch
 
-        def pipeline(uint8: bool, normalise: bool = True) -> float:
+        def pipeline(uint8: bool, normalise: bool = True) -> tuple[float, float]:
+            """(samples/s, CPU seconds per sample)"""
             loader = ImageLoader(cfg, TilesOnly(), CollateTiles(a.max_tiles), batch_size=a.batch, seed=0,
                                  tile_size=a.tile, max_tiles=a.max_tiles, uint8=uint8)
             it = iter(loader)
             for _ in range(max(1, a.workers)):  # worker start-up is not throughput
                 next(it)
-            t0 = time.perf_counter()
+            cpu, t0 = _cpu_seconds(), time.perf_counter()
             for _ in range(n_batches):
                 images, ratios = next(it)
                 if normalise:
                     model_images(images, ratios)  # float batches pass through; uint8 ones are normalised here
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu  # workers prefetch as much after as before
             del it
-            return n_batches * a.batch / seconds
+            return n_batches * a.batch / seconds, cpu / (n_batches * a.batch)
 
         pool = multiprocessing.get_context("fork").Pool(max(1, a.workers))
         shares = [jpegs[w :: max(1, a.workers)] for w in range(max(1, a.workers))]
         pool.map(_limit_chunk, [(c[:8], a.tile, a.max_tiles, False) for c in shares])  # warm the processes
 
-        def limit(uint8: bool) -> float:
-            t0 = time.perf_counter()
+        def limit(uint8: bool) -> tuple[float, float]:
+            cpu, t0 = _cpu_seconds(), time.perf_counter()
             done = sum(pool.map(_limit_chunk, [(c, a.tile, a.max_tiles, uint8) for c in shares]))
-            return done / (time.perf_counter() - t0)
+            return done / (time.perf_counter() - t0), (_cpu_seconds() - cpu) / done
 
-        rates = {"uint8": [], "limit_uint8": [], "pipeline": [], "float": [], "limit": []}
+        runs = {"uint8": lambda: pipeline(uint8=True, normalise=False), "limit_uint8": lambda: limit(uint8=True),
+                "pipeline": lambda: pipeline(uint8=True), "float": lambda: pipeline(uint8=False),
+                "limit": lambda: limit(uint8=False)}
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        cpus: dict[str, list[float]] = {k: [] for k in runs}
         load = [os.getloadavg()[0]]
         for _ in range(a.repeats):
-            rates["uint8"].append(pipeline(uint8=True, normalise=False))
-            rates["limit_uint8"].append(limit(uint8=True))
-            rates["pipeline"].append(pipeline(uint8=True))
-            rates["float"].append(pipeline(uint8=False))
-            rates["limit"].append(limit(uint8=False))
+            for k, run in runs.items():
+                rate, cpu = run()
+                rates[k].append(rate)
+                cpus[k].append(cpu)
             load.append(os.getloadavg()[0])
         pool.close()
         pool.join()
 
     info = _common.machine()
     med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
     print(f"{info['date']} | {info['cpu']} | {info['cores']} cores | torch {info['torch']} | commit {info['commit']}")
     print(f"{a.images} JPEGs {a.width}x{a.height} (mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB), "
           f"tiles {a.tile} px up to {a.max_tiles}, batch {a.batch}, {a.workers} workers/processes, {a.repeats} rounds; "
@@ -140,9 +163,9 @@ def main() -> None:
             ("float", "previous pipeline, float32 tiles from the workers", "limit"),
             ("limit", "limit, decode_jpeg + tile_image (normalised)", "limit")]
     print(_common.markdown_table(
-        ["", "samples/s (median)", "rounds", "/ its limit"],
-        [[label, f"{med[k]:.1f}", ", ".join(f"{r:.1f}" for r in rates[k]), f"{med[k] / med[ref]:.3f}"]
-         for k, label, ref in rows]))
+        ["", "samples/s (median)", "rounds", "/ its limit", "CPU ms per sample (median)", "its limit's / its"],
+        [[label, f"{med[k]:.1f}", ", ".join(f"{r:.1f}" for r in rates[k]), f"{med[k] / med[ref]:.3f}",
+          f"{cpu[k] * 1e3:.2f}", f"{cpu[ref] / cpu[k]:.3f}"] for k, label, ref in rows]))
 
 
 if __name__ == "__main__":

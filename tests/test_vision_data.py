@@ -15,7 +15,8 @@ from mm_llama.data.demo_vision import (
     COLOURS, QUADRANTS, caption, demo_scenes, jpeg_bytes, make_scene, questions, render, scene_seed, scene_signature,
     write_image,
 )
-from mm_llama.data.image_text import ImageError, ImageLoader, decode_image, heldout_examples
+from encoders.vision.transform import stack_images, tile_image_uint8
+from mm_llama.data.image_text import ImageError, ImageLoader, Tiled, collate_images, decode_image, heldout_examples
 from mm_llama.data.pack_vision import pack_image
 
 
@@ -222,6 +223,41 @@ def test_all_images_corrupt_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ packing
+
+
+def _tiled_batch() -> list[Tiled | list[Tiled]]:
+    """Examples with one or two images of 1, 2 or 4 tiles (uint8), as the loader's workers make them."""
+    sizes = [(30, 80), (70, 70), (20, 20), (90, 40)]
+    tiles = [Tiled(*tile_image_uint8(render(make_scene(i, size=max(h, w))).resize((w, h)), 28, 4))
+             for i, (h, w) in enumerate(sizes)]
+    return [tiles[0], [tiles[1], tiles[2]], tiles[3]]
+
+
+def test_stack_images_into_a_given_tensor_equals_a_new_one():
+    batch = [[(t.tiles, t.grid) for t in (x if isinstance(x, list) else [x])] for x in _tiled_batch()]
+    images, ratios = stack_images(batch, 4)
+    assert images.shape == (3, 2, 4, 3, 28, 28) and images.dtype == torch.uint8
+    assert ratios.tolist() == [[list(batch[0][0][1]), [0, 0]], [list(batch[1][0][1]), list(batch[1][1][1])],
+                               [list(batch[2][0][1]), [0, 0]]]
+    out = torch.full(images.shape, 255, dtype=torch.uint8)  # stale pixels must not survive in empty slots
+    filled, ratios_out = stack_images(batch, 4, out=out)
+    assert filled.data_ptr() == out.data_ptr() and torch.equal(filled, images) and torch.equal(ratios_out, ratios)
+    with pytest.raises(ValueError, match="the batch needs"):
+        stack_images(batch, 4, out=torch.zeros(3, 2, 4, 3, 28, 27, dtype=torch.uint8))
+
+
+class _CollateInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        images, ratios = collate_images(_tiled_batch(), 4)
+        yield images, ratios, images.is_shared()
+
+
+def test_collate_images_in_a_worker_builds_the_batch_in_shared_memory():
+    images, ratios = collate_images(_tiled_batch(), 4)
+    assert not images.is_shared()
+    loader = torch.utils.data.DataLoader(_CollateInWorker(), batch_size=None, num_workers=1)
+    [(worker_images, worker_ratios, shared)] = list(loader)
+    assert shared and torch.equal(worker_images, images) and torch.equal(worker_ratios, ratios)
 
 
 def test_pack_image_keeps_good_images_and_counts_the_rest(tmp_path):

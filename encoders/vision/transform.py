@@ -99,27 +99,45 @@ def tile_image(image, tile_size: int, max_num_tiles: int, mean=CLIP_MEAN, std=CL
     return normalize_tiles(tiles, mean, std), grid
 
 
-def stack_images(batch: list[list[tuple[torch.Tensor, tuple[int, int]]]], max_num_tiles: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_images(batch: list[list[tuple[torch.Tensor, tuple[int, int]]]], max_num_tiles: int,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample lists of `tile_image` outputs → images `[B, N, max_tiles, 3, S, S]`, ratios `[B, N, 2]`.
 
     Empty slots (a sample with fewer than N images) hold zero pixels and aspect ratio (0, 0). The images keep
     the tiles' dtype (float from `tile_image`, uint8 from `tile_image_uint8`: then see `normalize_images`).
+    `out`: a tensor of exactly that shape and dtype to fill (whatever it held) instead of a new one, such as a
+    batch in shared memory that a data loader worker hands over without a copy (`stack_shape` gives the shape).
     """
-    n = max((len(sample) for sample in batch), default=0)
-    if n == 0:
-        raise ValueError("stack_images needs at least one image in the batch")
-    first = batch[next(i for i, s in enumerate(batch) if s)][0][0]
-    images = torch.zeros(len(batch), n, max_num_tiles, 3, first.shape[-1], first.shape[-1], dtype=first.dtype)
-    ratios = torch.zeros(len(batch), n, 2, dtype=torch.long)
+    shape, dtype = stack_shape(batch, max_num_tiles)
+    if out is None:
+        images = torch.zeros(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out is {list(out.shape)} {out.dtype}, the batch needs {list(shape)} {dtype}")
+    else:
+        images = out
+    ratios = torch.zeros(shape[0], shape[1], 2, dtype=torch.long)
     for b, sample in enumerate(batch):
         for j, (tiles, (rows, cols)) in enumerate(sample):
             if tiles.shape[0] != rows * cols or tiles.shape[0] > max_num_tiles:
                 raise ValueError(f"sample {b} image {j}: {tiles.shape[0]} tiles for a {rows}x{cols} grid "
                                  f"(max_num_tiles={max_num_tiles})")
             images[b, j, : rows * cols] = tiles
-            ratios[b, j] = torch.tensor([rows, cols])
+            if out is not None:
+                images[b, j, rows * cols :] = 0
+            ratios[b, j, 0], ratios[b, j, 1] = rows, cols
+        if out is not None:
+            images[b, len(sample) :] = 0
     return images, ratios
+
+
+def stack_shape(batch: list[list[tuple[torch.Tensor, tuple[int, int]]]], max_num_tiles: int
+                ) -> tuple[torch.Size, torch.dtype]:
+    """The shape `[B, N, max_tiles, 3, S, S]` and dtype of `stack_images(batch, max_num_tiles)`'s images."""
+    n = max((len(sample) for sample in batch), default=0)
+    if n == 0:
+        raise ValueError("stack_images needs at least one image in the batch")
+    first = batch[next(i for i, s in enumerate(batch) if s)][0][0]
+    return torch.Size((len(batch), n, max_num_tiles, 3, first.shape[-1], first.shape[-1])), first.dtype
 
 
 def normalize_images(images: torch.Tensor, aspect_ratios: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:

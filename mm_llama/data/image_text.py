@@ -60,7 +60,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image as tv_decode_image, decode_jpeg
 
-from encoders.vision.transform import normalize_images, stack_images, tile_image, tile_image_uint8
+from encoders.vision.transform import normalize_images, stack_images, stack_shape, tile_image, tile_image_uint8
 
 from .accounting import Counters
 from .config import DataConfig
@@ -517,5 +517,15 @@ def heldout_examples(cfg: DataConfig, make_example: MakeExample, *, tile_size: i
 
 def collate_images(tiled: list[Tiled | list[Tiled]], max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One image (or a list of images) per example → images `[batch, n_images, max_tiles, 3, tile, tile]` (the
-    tiles' dtype; n_images the most any example has, empty slots zero), aspect ratios `[batch, n_images, 2]`."""
-    return stack_images([[(t.tiles, t.grid) for t in (x if isinstance(x, list) else [x])] for x in tiled], max_tiles)
+    tiles' dtype; n_images the most any example has, empty slots zero), aspect ratios `[batch, n_images, 2]`.
+
+    In a DataLoader worker the images are written straight into shared memory (as torch's `default_collate`
+    does): a batch made in private memory is copied into shared memory again when it is sent.
+    """
+    batch = [[(t.tiles, t.grid) for t in (x if isinstance(x, list) else [x])] for x in tiled]
+    out = None
+    if get_worker_info() is not None:
+        shape, dtype = stack_shape(batch, max_tiles)
+        storage = torch.UntypedStorage._new_shared(shape.numel() * dtype.itemsize)
+        out = torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return stack_images(batch, max_tiles, out)
