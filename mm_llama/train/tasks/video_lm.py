@@ -25,9 +25,9 @@ from ...config import ConfigError
 from ...data.demo_video import ANSWERS
 from ...data.video import Clip, VideoLoader, collate_videos, heldout_video_examples
 from ...model.multimodal import MultimodalModel
-from ..losses import IGNORE
 from .base import register
-from .vision_lm import ChatExample, ChatExamples, MediaChatTask, VisionLMOptions, answer_accuracy, load_composed
+from .vision_lm import (ChatExample, ChatExamples, MediaChatTask, VisionLMOptions, answer_accuracy, load_composed,
+                        pad_chat)
 
 VIDEO_PARTS = ("video_aggregator.", "video_cross_attention.")
 TIME_TABLES = ("video_aggregator.time_embedding", "video_aggregator.time_gain")
@@ -58,13 +58,7 @@ class CollateVideoChat:
         self.pad_id, self.max_tiles, self.frames_per_group = pad_id, max_tiles, frames_per_group
 
     def __call__(self, examples: list[ChatExample]) -> VideoBatch:
-        length = max(len(e.tokens) for e in examples) - 1
-        tokens = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids = torch.tensor(e.tokens)
-            tokens[i, : len(ids) - 1] = ids[:-1]
-            labels[i, : len(ids) - 1] = torch.where(torch.tensor(e.loss_mask[1:]), ids[1:], IGNORE)
+        tokens, labels = pad_chat(examples, self.pad_id)
         clips: list[Clip] = [e.media for e in examples]
         videos, ratios, mask = collate_videos(clips, self.max_tiles, self.frames_per_group)
         return VideoBatch(tokens, labels, videos, ratios, mask, [e.kind for e in examples], [e.answer for e in examples])

@@ -244,6 +244,18 @@ class DocumentExamples:
         return DocumentExample(images, tokens, mask)
 
 
+def pad_chat(examples: list[ChatExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and next-token labels `[batch, longest - 1]`, right-padded; labels IGNORE where the loss mask is off."""
+    length = max(len(e.tokens) for e in examples) - 1
+    tokens = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids = torch.tensor(e.tokens)
+        tokens[i, : len(ids) - 1] = ids[:-1]
+        labels[i, : len(ids) - 1] = torch.where(torch.tensor(e.loss_mask[1:]), ids[1:], IGNORE)
+    return tokens, labels
+
+
 class CollateChat:
     """Right-pads the dialogs (and documents) of a batch to its longest; labels are the next token where the loss
     mask is set."""
@@ -252,13 +264,7 @@ class CollateChat:
         self.pad_id, self.max_tiles = pad_id, max_tiles
 
     def __call__(self, examples: list[ChatExample]) -> ChatBatch:
-        length = max(len(e.tokens) for e in examples) - 1
-        tokens = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-        for i, e in enumerate(examples):
-            ids = torch.tensor(e.tokens)
-            tokens[i, : len(ids) - 1] = ids[:-1]
-            labels[i, : len(ids) - 1] = torch.where(torch.tensor(e.loss_mask[1:]), ids[1:], IGNORE)
+        tokens, labels = pad_chat(examples, self.pad_id)
         images, ratios = collate_images([e.media for e in examples], self.max_tiles)
         return ChatBatch(tokens, labels, images, ratios, [e.kind for e in examples], [e.answer for e in examples])
 
