@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -473,8 +473,6 @@ class SFTBatch:
     speech_docs: torch.Tensor | None = None
 
     def to(self, device) -> "SFTBatch":
-        from dataclasses import fields
-
         return SFTBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                            for f in fields(self)})
 
@@ -750,6 +748,8 @@ def collate_media(rows: list[list[tuple[int, Any]]], max_tiles: int = 0, frames_
     - `speech_feats` `[n_clips, frames, n_mels]`, `speech_lengths` `[n_clips]`, `speech_docs` `[n_clips]`: the
       clips of all rows in reading order (row by row), as `SpeechLM` splices them.
     """
+    if not any(rows):  # a text batch: no media, and no need to import the media libraries
+        return {}
     from encoders.speech.features import collate_features
     from encoders.vision.transform import stack_images
 
