@@ -29,7 +29,7 @@ from PIL import Image
 
 from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
 from .pack import MediaPackReport
-from .pack_vision import _qa_problem, read_captions
+from .pack_vision import _qa_problem, pack_records
 from .video import sample_frames
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -120,11 +120,8 @@ def pack_video(video_dir: str | Path, out: str | Path, captions: str | Path | No
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
         raise FileNotFoundError(f"{video_dir}: no such video folder")
-    if captions is not None:
-        records, where = read_captions(captions, "video"), str(captions)
-    else:
-        entries = sorted(p for p in video_dir.iterdir() if p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES)
-        records, where = [{"video": p.name, "_line": 0} for p in entries], str(video_dir)
+    records, where = pack_records(captions, "video", video_dir, lambda: sorted(
+        p for p in video_dir.iterdir() if p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = VideoPackReport()

@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -91,6 +91,15 @@ def read_captions(path: str | Path, item: str = "image") -> list[dict]:
     raise ValueError(f"{path}: expected a .tsv or .jsonl caption file")
 
 
+def pack_records(captions: str | Path | None, item: str, folder: Path, entries: Callable[[], list[Path]]
+                 ) -> tuple[list[dict], str]:
+    """(records to pack, where they come from): the captions file's rows, or, without one, one record per
+    entry of `folder` (`{item: path relative to the folder}`)."""
+    if captions is not None:
+        return read_captions(captions, item), str(captions)
+    return [{item: str(p.relative_to(folder)), "_line": 0} for p in entries()], str(folder)
+
+
 def _qa_problem(qa) -> str | None:
     if not isinstance(qa, list):
         return "qa must be a list"
@@ -108,11 +117,8 @@ def pack_image(image_dir: str | Path, out: str | Path, captions: str | Path | No
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: no such image folder")
-    if captions is not None:
-        records, where = read_captions(captions), str(captions)
-    else:
-        files = sorted(p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        records, where = [{"image": str(p.relative_to(image_dir)), "_line": 0} for p in files], str(image_dir)
+    records, where = pack_records(captions, "image", image_dir, lambda: sorted(
+        p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = ImagePackReport()
