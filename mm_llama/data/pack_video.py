@@ -11,8 +11,9 @@ Captions and questions come from a `.tsv` (header row; columns `video`, `caption
 caption file, every entry of `--videos` is packed and its caption is a sibling `<name>.txt`.
 
 At most `max_frames` frames per video are stored, spread uniformly (`mm_llama.data.video.sample_frames`);
-frames are JPEG (re-encoded only when decoded from a video file or stored in another format than the
-loader reads). Every stored frame is fully decoded first; unusable frames are skipped and counted by reason
+frames from a video file are encoded as JPEG; frame images are checked and stored as `pack image` stores
+images (`checked_image`: real format's extension, counted as `renamed`; a GIF becomes PNG). Every stored frame
+is fully decoded first; unusable frames are skipped and counted by reason
 (`empty`, `truncated`, …) and a video with no usable frame as `no_frames`; records as in `pack image`
 (`missing_video`, `no_caption`, `bad_record`).
 """
@@ -27,14 +28,13 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
+from .image_text import MAX_PIXELS
 from .pack import MediaPackReport
-from .pack_vision import _qa_problem, pack_records
+from .pack_vision import _qa_problem, checked_image, pack_records
 from .video import sample_frames
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi"}
-_MEMBER = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 JPEG_QUALITY = 90
 PYAV_MISSING = ("{path}: decoding video files needs PyAV, an optional extra that is not installed "
                 "(`pip install av`); or pass a folder of frame images instead")
@@ -44,6 +44,7 @@ PYAV_MISSING = ("{path}: decoding video files needs PyAV, an optional extra that
 class VideoPackReport(MediaPackReport):
     videos: int = 0
     frames: int = 0
+    renamed: int = 0  # frames stored under their real format's extension
 
 
 def frame_files(folder: Path) -> list[Path]:
@@ -95,18 +96,8 @@ def folder_frames(folder: Path, max_frames: int, report: VideoPackReport, at: st
     files = frame_files(folder)
     out = []
     for index in sample_frames(len(files), max_frames):
-        path = files[index]
-        data = path.read_bytes()
-        kind = sniff_format(data) if data else None
-        try:
-            decode_image(data, kind or path.suffix.lstrip("."), max_pixels)
-        except ImageError as e:
-            report.skip(e.reason, f"{at}: {path}: {e}")
-            continue
-        if kind not in _MEMBER:  # a GIF frame: the loader reads jpg/png/webp members
-            with Image.open(io.BytesIO(data)) as im:
-                data, kind = _jpeg(im), "jpeg"
-        out.append((_MEMBER[kind], data))
+        if (checked := checked_image(files[index], report, at, max_pixels)) is not None:
+            out.append(checked)
     return out
 
 
