@@ -400,3 +400,18 @@ def test_video_sft_from_an_image_model_starts_the_video_parts_fresh(root, tmp_pa
     for key, value in image_model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value)
     assert not model.video_cross_attention["1"].gate_attn.detach().any()  # closed gates: exactly the image model
+
+
+def test_speech_sft_from_a_speech_run_loads_every_weight_and_refuses_a_misfit(root, speech_sft_run):
+    from mm_llama.config import ConfigError
+
+    run, _ = speech_sft_run
+    trained, _ = read_model(run)
+    task = task_for(stage("speech_sft", root, f"init.from={run}"))
+    model = task.model_from_state(dict(trained))
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if k in trained)
+    bad = dict(trained)
+    key = next(k for k in bad if k.startswith("speech_adapter."))
+    bad[key] = torch.zeros(3)
+    with pytest.raises(ConfigError, match=f"does not fit.*other shapes \\['{key}'"):
+        task.model_from_state(bad)

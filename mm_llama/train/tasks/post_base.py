@@ -68,15 +68,9 @@ def speech_from_state(model_cfg, state: dict | None, seed: int, source: str | No
         torch.manual_seed(seed)
         model = SpeechLM(Transformer(model_cfg.lm), model_cfg.speech)
     if state is not None and any(k.startswith("speech_encoder.") for k in state):
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        missing = sorted(k for k in expected.keys() - state.keys()
-                         if not (k == "lm.output.weight" and model.args.tie_embeddings))
-        unexpected = sorted(state.keys() - expected.keys())
-        wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])
-        if missing or unexpected or wrong:
-            raise ConfigError(f"init.from {source}: does not fit the stage's speech model (missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]}, other shapes {wrong[:4]})")
-        model.load_state_dict(state, strict=False)
+        from .speech_lm import fit_state
+
+        fit_state(model, state, f"init.from {source}")
     else:
         model.lm.load_state_dict(lm_from_state(model_cfg.lm, state, seed).state_dict())
     return model

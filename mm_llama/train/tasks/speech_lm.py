@@ -46,14 +46,18 @@ class SpeechLMOptions(BaseModel):
     eval_max_new_tokens: int = Field(32, gt=0, description="greedy decoding length limit for the held-out ASR WER")
 
 
-def _fit(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def fit_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Loads `state` into `module`, or a ConfigError naming `what` and the keys that do not fit. A composed
+    model with tied embeddings may lack `lm.output.weight` (saved once, under the embedding)."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
-    found = {k: v.shape for k, v in state.items()}
-    if found != expected:
-        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-        raise ConfigError(f"{what}: does not fit the stage's model (missing {sorted(expected.keys() - found.keys())[:4]}, "
-                          f"unexpected {sorted(found.keys() - expected.keys())[:4]}, other shapes {wrong[:4]})")
-    module.load_state_dict(state)
+    tied = getattr(getattr(module, "args", None), "tie_embeddings", False)
+    missing = sorted(k for k in expected.keys() - state.keys() if not (tied and k == "lm.output.weight"))
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if expected[k] != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(f"{what}: does not fit the stage's model (missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                          f"other shapes {wrong[:4]})")
+    module.load_state_dict(state, strict=not tied)
 
 
 def load_speech_encoder(model: SpeechLM, source: str | Path) -> None:
@@ -63,7 +67,7 @@ def load_speech_encoder(model: SpeechLM, source: str | Path) -> None:
     for prefix in ("speech_encoder.", "encoder."):
         found = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if found:
-            _fit(model.speech_encoder, found, f"train.options.encoder_from {path} ({prefix}* weights; "
+            fit_state(model.speech_encoder, found, f"train.options.encoder_from {path} ({prefix}* weights; "
                                               "model.speech.encoder must match the BEST-RQ stage's)")
             return
     raise ConfigError(f"train.options.encoder_from {path}: holds no speech encoder ('encoder.*' or 'speech_encoder.*' keys)")
@@ -155,7 +159,7 @@ class SpeechLMTask(Task):
             folder = Path(source)
             if folder.is_dir() and is_composed_speech(model_folder(folder)):
                 path = model_folder(folder) / MODEL_SAFETENSORS
-                _fit(model, read_safetensors(path), f"init.from {path}")
+                fit_state(model, read_safetensors(path), f"init.from {path}")
             else:
                 load_init(model.lm, source)
         if self.opts.encoder_from is not None:
