@@ -151,3 +151,62 @@ def test_video_stage_input_errors(root, image_model, tmp_path):
         {**tiny_model(), "video": {**tiny_model()["video"], "video_token_id": 5}})})
     with pytest.raises(ConfigError, match="tokenizer's <\\|video\\|>"):
         task_for(bad_token).check()
+
+
+def test_caption_contrastive_loss_values():
+    from mm_llama.train.losses import caption_contrastive_loss
+
+    torch.manual_seed(0)
+    media, text = torch.randn(4, 8), torch.randn(4, 8)
+    sim = torch.nn.functional.normalize(media, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T / 0.1
+    arange = torch.arange(4)
+    clip = 0.5 * (torch.nn.functional.cross_entropy(sim, arange) + torch.nn.functional.cross_entropy(sim.T, arange))
+    assert torch.allclose(caption_contrastive_loss(media, text, torch.eye(4, dtype=torch.bool), 0.1), clip)
+    # rows 0 and 1 share a caption: each row's target is split evenly between both columns (and likewise per column)
+    same = torch.eye(4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    target = same.float() / same.float().sum(1, keepdim=True)
+    expected = -0.5 * ((target * sim.log_softmax(1)).sum(1).mean() + (target * sim.T.log_softmax(1)).sum(1).mean())
+    assert torch.allclose(caption_contrastive_loss(media, text, same, 0.1), expected)
+
+
+def test_caption_contrastive_term(root, image_model, tmp_path):
+    """Off: the answer loss alone. On: plus weight × InfoNCE(mean aggregated token, mean caption embedding) × labelled
+    tokens; it reaches the aggregator even with the video gates closed, and nothing frozen gets a gradient."""
+    from mm_llama.data.demo_video import caption as demo_caption
+    from mm_llama.train.losses import IGNORE, caption_contrastive_loss, lm_loss_sum
+
+    plain = task_for(stage(root, tmp_path / "a", image_model, options={"targets": ["qa"]}))
+    cfg = stage(root, tmp_path / "b", image_model, options={"targets": ["qa"], "caption_contrastive": 2.0,
+                                                             "contrastive_temperature": 0.2})
+    task = task_for(cfg)
+    model = task.build_model()
+    batch = next(iter(task.loader(cfg.train.seq_len, 4, 0, 1)))
+    captions = {demo_caption(m) for m in demo_clips(16, 4)[0]}
+    decoded = {task.tokenizer.decode(c) for c in batch.captions}
+    assert decoded <= captions and all(batch.captions)
+    assert next(iter(plain.loader(cfg.train.seq_len, 4, 0, 1))).captions == [[]] * 4  # only asked for when on
+
+    labels = batch.labels
+    media = batch.media_inputs("cpu")
+    context = model.encode_videos(media["videos"], media["video_aspect_ratios"], media["frame_mask"])
+    answer = lm_loss_sum(model(batch.tokens, video_context=context), labels)
+    video = context.tokens.mean((1, 2, 3))  # one video of one group per clip here
+    text = torch.stack([model.lm.tok_embeddings.weight[torch.tensor(c)].mean(0) for c in batch.captions])
+    same = torch.tensor([[a == b for b in batch.captions] for a in batch.captions])
+    expected = answer + 2.0 * caption_contrastive_loss(video, text, same, 0.2) * (labels != IGNORE).sum()
+    loss = task.loss(model, batch, "cpu")
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert torch.allclose(plain.loss(model, batch, "cpu"), answer, rtol=1e-5)
+
+    loss.backward()  # gates at zero: only the contrastive term reaches the aggregator
+    assert model.video_aggregator.latents.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    context = model.encode_videos(media["videos"], media["video_aspect_ratios"], media["frame_mask"])
+    task.caption_contrastive(model, context, batch.captions, "cpu").backward()
+    assert model.lm.tok_embeddings.weight.grad is None  # the caption side is the fixed LM table
+
+    batch.captions = [batch.captions[0], [], [], []]  # one captioned clip: nothing to contrast
+    assert torch.allclose(task.loss(model, batch, "cpu"), answer, rtol=1e-5)
+    with pytest.raises(ConfigError, match="caption_contrastive"):
+        task_for(stage(root, tmp_path / "c", image_model, options={"caption_contrastive": -1.0}))

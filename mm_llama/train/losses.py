@@ -13,3 +13,15 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Summed, not averaged, so gradient accumulation can divide by the token count of the whole step.
     """
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def caption_contrastive_loss(media: torch.Tensor, text: torch.Tensor, same: torch.Tensor, temperature: float
+                             ) -> torch.Tensor:
+    """Symmetric InfoNCE between media and caption vectors `[n, dim]` (cosine similarity / temperature).
+
+    `same` bool `[n, n]`: pairs with equal captions, all of which count as positives (a batch of a small
+    caption vocabulary holds many), so a clip is not pushed away from its own caption's twins.
+    """
+    sim = F.normalize(media.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T / temperature
+    target = same.float() / same.float().sum(1, keepdim=True)
+    return -0.5 * ((target * sim.log_softmax(1)).sum(1).mean() + (target * sim.log_softmax(0).T).sum(1).mean())

@@ -28,7 +28,7 @@ answers) and the majority answer's share of the held-out questions of that type.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -157,6 +157,7 @@ class ChatExample:
     loss_mask: list[bool]
     kind: str  # question type ("colour", ...; "caption")
     answer: str
+    caption: list[int] = field(default_factory=list)  # the sample's caption tokens, when asked for (`captions=True`)
 
 
 @dataclass
@@ -211,11 +212,13 @@ class ChatExamples:
     """A shard sample → one `ChatExample` (drawn by `seed`), or all of them (`every=True`, for evaluation).
 
     `media` is the chat part the sample's image or clip becomes: `image` (`<|image|>`) or `video` (`<|video|>`).
+    `captions=True` also gives every example its sample's caption tokens (empty when it has none).
     """
 
-    def __init__(self, tokenizer, targets: list[str], max_len: int, every: bool = False, media: str = "image"):
+    def __init__(self, tokenizer, targets: list[str], max_len: int, every: bool = False, media: str = "image",
+                 captions: bool = False):
         self.chat, self.targets, self.max_len, self.every = ChatFormat(tokenizer), list(targets), max_len, every
-        self.media = media
+        self.media, self.captions = media, captions
 
     def _example(self, image: Tiled, kind: str, question: str, answer: str) -> ChatExample:
         dialog = self.chat.encode_dialog([
@@ -228,9 +231,13 @@ class ChatExamples:
 
     def __call__(self, sample: dict, image: Tiled, seed: int):
         found = sample_questions(sample, self.targets)
-        if self.every:
-            return [self._example(image, *q) for q in found]
-        return self._example(image, *found[seed % len(found)])
+        examples = [self._example(image, *q) for q in (found if self.every else [found[seed % len(found)]])]
+        if self.captions:
+            text = sample_caption(sample, sample_metadata(sample))
+            caption = self.chat.tokenizer.encode(text, bos=False, eos=False) if text else []
+            for e in examples:
+                e.caption = caption
+        return examples if self.every else examples[0]
 
 
 class DocumentExamples:
