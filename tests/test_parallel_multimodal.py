@@ -1,5 +1,6 @@
 """Every objective besides 'lm' under torchrun (CPU, gloo, 2 processes): FSDP data parallelism reproduces the
-single-process run fed the same global batch (within 1e-5), a DP run resumes from its distributed checkpoint,
+single-process run fed the same global batch (within 1e-5), a DP run resumes from its distributed checkpoint (and
+in one process, its data positions re-split),
 `final/` is the single-process file, frozen parts carry no optimizer state, and tensor parallelism of the
 cross-attention, ViT and Conformer blocks reproduces the single-process losses.
 
@@ -216,6 +217,18 @@ def test_frozen_parts_are_sharded_but_hold_no_optimizer_state(dp_runs):
     assert any(k.startswith("optim.state.cross_attention.") for k in moments)
 
 
+@pytest.mark.parametrize("objective", [RESUMED, "bestrq", "sft", "dpo"])
+def test_a_data_parallel_run_resumes_in_one_process(objective, dp_runs, root, lm_dir, tmp_path):
+    """The DP=2 checkpoint holds two data positions; one process deals them to its one loader (`data/resplit.py`)
+    and trains on."""
+    run = tmp_path / objective
+    shutil.copytree(dp_runs / objective, run)
+    shutil.rmtree(run / "final")
+    last = rows(run)[-1]["step"]
+    train_stage(stage(objective, root, lm_dir, run, f"train.steps={last + 1}"))
+    assert [r["step"] for r in rows(run)] == list(range(1, last + 2))
+
+
 @pytest.fixture(scope="module")
 def tp_runs(root, lm_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
@@ -243,12 +256,3 @@ def test_tensor_parallel_conformer_and_clip_reproduce_the_single_process_losses(
     _tp_matches_single_process(tp_runs / "tp" / objective, objective, root, lm_dir, tmp_path)
 
 
-def test_pipeline_and_context_parallel_name_the_lm_only_limit(root, lm_dir, tmp_path):
-    from mm_llama.config import ConfigError
-    from mm_llama.parallel import ParallelDims, ParallelRun
-
-    cfg = stage("vision_lm", root, lm_dir, tmp_path / "x", "parallel.pp=2")
-    task = task_for(cfg)
-    with pytest.raises(ConfigError, match="'vision_lm': parallel.pp and parallel.cp .* 'lm' objective only"):
-        ParallelRun.setup_task(torch.nn.Linear(1, 1), task, cfg, ParallelDims(dp=1, pp=2, cp=1, tp=1),
-                               torch.device("cpu"), torch.float32, lambda block: None)

@@ -10,6 +10,9 @@ trainable parameters, no optimizer state. The paper keeps gathered weights after
 A sharded module gathers its weights only around `forward`; the other methods the models call on a
 block or the tasks call on the root (`CrossAttentionBlock.kv`, `SpeechLM.encode_speech`, ...) are
 registered with FSDP so that they gather too.
+
+A task's frozen second model (DPO's reference) is laid out like the trained one by `shard_frozen`: the
+same TP plan and FSDP units, so it costs 1/dp of its memory on each rank, and no gradients.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 # methods besides `forward` that run a sharded module's weights: a block's (image K/V, once per image)
 # and the root's (encoders a task's evaluation calls directly)
-FORWARD_METHODS = ("kv", "encode_images", "encode_videos", "encode_speech", "encode_image", "encode_text")
+FORWARD_METHODS = ("kv", "embed", "encode_images", "encode_videos", "encode_speech", "encode_image", "encode_text")
 
 
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
@@ -54,3 +57,21 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dtype: torch.dtype, reshard_a
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return scalars
+
+
+def shard_frozen(model: nn.Module, tp_mesh: DeviceMesh, dp_mesh: DeviceMesh, dtype: torch.dtype) -> nn.Module:
+    """Lay out a frozen model (DPO's reference) like the trained one: requires_grad off, the same TP plan
+    (`apply_tp_composed` over `tp_mesh`), FSDP per block and root over `dp_mesh` (the trained model's
+    FSDP mesh). It never runs backward, so each block reshards right after its forward and the root
+    after the whole forward (not after the registered methods, `encode_images`, that run inside it)."""
+    from .blocks import shard_units
+    from .tensor_parallel import apply_tp_composed
+
+    model.requires_grad_(False).eval()
+    if tp_mesh.size() > 1:
+        apply_tp_composed(model, tp_mesh)
+    if dp_mesh.size() > 1:
+        apply_fsdp(model, dp_mesh, dtype, reshard_after_forward=True, units=shard_units(model))
+        model.set_reshard_after_forward(False, recurse=False)
+        model.register_forward_hook(lambda module, args, output: module.reshard())
+    return model

@@ -3,7 +3,8 @@
 `ParallelRun.setup` parallelizes a freshly built `Transformer` in the order TP → CP → (activation
 checkpointing, compile) → FSDP, or cuts it into pipeline stages first. `ParallelRun.setup_task` does
 the same for the model of any other objective (composed image/speech models, encoders, reward and
-post-training LMs) with TP → (checkpointing, compile) → FSDP, the task computing the loss. The loss
+post-training LMs) with TP → CP (per-token objectives only: `CP_OBJECTIVES`) → (checkpointing,
+compile) → FSDP, the task computing the loss on the batch with its labels cut to this CP rank's rows. The loss
 of every rank is a sum over its loss units (labelled tokens, pairs, masked frames) divided by the
 unit count of the whole global batch, and FSDP sums gradients, so one optimizer step equals the
 single-process step on the same global batch (for CLIP: on the same micro-batches, each contrasted
@@ -15,6 +16,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -28,25 +30,41 @@ from ..config.stage import StageConfig
 from ..model import Transformer
 from ..train.losses import lm_loss_sum
 from .blocks import shard_units
-from .context_parallel import apply_cp, shard_sequence
-from .fsdp import apply_fsdp
+from .context_parallel import ComposedCP, apply_cp, apply_cp_composed, shard_sequence
+from .fsdp import apply_fsdp, shard_frozen
 from .mesh import ParallelDims, build_mesh, fsdp_mesh
-from .pipeline import build_schedule, build_stages, split_layers
+from .pipeline import StagePart, build_schedule, build_stages, fixed_media_batch, split_layers
 from .tensor_parallel import apply_tp, apply_tp_composed
+
+# objectives besides 'lm' whose loss is a sum over token positions (labels `[batch, seq]` aligned with the
+# tokens), so that each CP rank's share is the loss of its own rows
+CP_OBJECTIVES = ("vision_lm", "video_lm", "speech_lm", "sft")
+# objectives besides 'lm' that pipeline parallelism cuts (`pipeline.MultimodalStage`)
+PP_OBJECTIVES = ("vision_lm",)
 
 
 class StateView(nn.Module):
-    """This rank's pipeline stages under the Transformer's names (`tok_embeddings`, `layers.{i}`, `norm`, `output`),
-    so checkpoint keys are the same at every layout."""
+    """This rank's pipeline stages under the whole model's names (`layers.{i}`, `lm.layers.{i}`,
+    `cross_attention.{i}`, `vision`, ...), so checkpoint keys are the same at every layout."""
 
     def __init__(self, stages: list[nn.Module]):
         super().__init__()
-        self.layers = nn.ModuleDict()
         for s in stages:
-            self.layers.update(s.layers)
-            for name in ("tok_embeddings", "norm", "output"):
-                if getattr(s, name) is not None:
-                    setattr(self, name, getattr(s, name))
+            _merge(self, s)
+
+
+def _merge(view: nn.Module, stage: nn.Module) -> None:
+    """Add `stage`'s modules to `view` under their names; ModuleDicts and stage containers are merged."""
+    for name, child in stage.named_children():
+        if isinstance(child, (nn.ModuleDict, StagePart)):
+            if name not in view._modules:
+                view.add_module(name, nn.ModuleDict() if isinstance(child, nn.ModuleDict) else nn.Module())
+            if isinstance(child, nn.ModuleDict):
+                view._modules[name].update(child)
+            else:
+                _merge(view._modules[name], child)
+        else:
+            view.add_module(name, child)
 
 
 @dataclass
@@ -59,7 +77,10 @@ class ParallelRun:
     vocab_parallel: bool
     schedule: object = None
     task: object = None  # the objective's `Task` when it computes the loss (every objective but 'lm')
-    replicated: list = field(default_factory=list)  # parameters FSDP leaves whole: gradients summed over DP here
+    replicated: list = field(default_factory=list)  # parameters FSDP leaves whole: gradients summed over DP×CP here
+    context: ComposedCP | None = None  # context parallelism of a task's model (the switch; None: no CP or 'lm')
+    grad_mesh: DeviceMesh | None = None  # the ranks whose gradients are summed (DP, or DP×CP)
+    pipeline_shape: tuple = ()  # a composed model's pipeline: (seq_len, image slots, pad id) every batch is padded to
     _pending: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- building
@@ -88,29 +109,74 @@ class ParallelRun:
                 apply_fsdp(m, fsdp_mesh(mesh), dtype, p.reshard_after_forward)
         run = cls(dims, mesh, device, modules, StateView(modules) if stages else model, vocab_parallel)
         if stages:
-            micro = p.pp_microbatches or dims.pp
-            if cfg.train.micro_batch % micro:
-                raise ConfigError(f"parallel.pp_microbatches ({micro}) must divide train.micro_batch ({cfg.train.micro_batch})")
-            n_stages = len(split_layers(model.args.n_layers, dims.pp * len(stages)))
-            run.schedule = build_schedule(stages, n_stages, mesh["pp"], device, p.pp_schedule, micro, run._pipeline_loss)
+            run._attach_schedule(stages, model.args.n_layers, cfg)
         return run
+
+    def _attach_schedule(self, stages: list, n_layers: int, cfg: StageConfig) -> None:
+        p = cfg.parallel
+        micro = p.pp_microbatches or self.dims.pp
+        if cfg.train.micro_batch % micro:
+            raise ConfigError(f"parallel.pp_microbatches ({micro}) must divide train.micro_batch ({cfg.train.micro_batch})")
+        n_stages = len(split_layers(n_layers, self.dims.pp * len(stages)))
+        self.schedule = build_schedule(stages, n_stages, self.mesh["pp"], self.device, p.pp_schedule, micro,
+                                       self._pipeline_loss)
 
     @classmethod
     def setup_task(cls, model: nn.Module, task, cfg: StageConfig, dims: ParallelDims, device: torch.device,
                    dtype: torch.dtype, per_block: Callable[[nn.Module], None]) -> "ParallelRun":
-        """Data and tensor parallelism for the model of `task` (any objective): TP → per-block → FSDP."""
-        if dims.pp > 1 or dims.cp > 1:
-            raise ConfigError(f"train.objective '{task.name}': parallel.pp and parallel.cp split the text LM's layers "
-                              "and sequence and support the 'lm' objective only; use parallel.dp_shard and parallel.tp")
+        """Data, tensor and context parallelism for the model of `task` (any objective): TP → CP → per-block → FSDP;
+        or pipeline stages (`PP_OBJECTIVES`), then per-block → FSDP on each."""
+        if dims.pp > 1:
+            return cls._setup_task_pipeline(model, task, cfg, dims, device, dtype, per_block)
+        if dims.cp > 1 and task.name not in CP_OBJECTIVES:
+            raise ConfigError(f"train.objective '{task.name}': parallel.cp splits the token sequence of a per-token "
+                              f"loss and supports the {', '.join(repr(o) for o in ('lm', *CP_OBJECTIVES))} objectives "
+                              "only; use parallel.dp_shard and parallel.tp")
+        if dims.cp > 1 and getattr(getattr(task, "opts", None), "caption_contrastive", 0):
+            raise ConfigError(f"train.objective '{task.name}': parallel.cp > 1 with train.options.caption_contrastive > 0 "
+                              "is not supported: the contrastive term is per clip, not per token, and every CP rank "
+                              "would count it; set it to 0 or use parallel.dp_shard and parallel.tp")
         mesh = build_mesh(dims, device.type)
         if dims.tp > 1:
             apply_tp_composed(model, mesh["tp"])
+        context = apply_cp_composed(model, mesh["cp"], task.tokenizer.pad_id) if dims.cp > 1 else None
         for block in task.blocks(model):
             per_block(block)
+        replicated, grad_mesh = [], fsdp_mesh(mesh)
+        if dims.dp * dims.cp > 1:
+            replicated = apply_fsdp(model, grad_mesh, dtype, cfg.parallel.reshard_after_forward, units=shard_units(model))
+        if hasattr(task, "frozen_layout"):  # the task's frozen second model (DPO's reference) is laid out alike
+            task.frozen_layout = partial(shard_frozen, tp_mesh=mesh["tp"], dp_mesh=grad_mesh, dtype=dtype)
+        return cls(dims, mesh, device, [model], model, vocab_parallel=False, task=task, replicated=replicated,
+                   context=context, grad_mesh=grad_mesh)
+
+    @classmethod
+    def _setup_task_pipeline(cls, model: nn.Module, task, cfg: StageConfig, dims: ParallelDims, device: torch.device,
+                             dtype: torch.dtype, per_block: Callable[[nn.Module], None]) -> "ParallelRun":
+        """The image–text model cut into `MultimodalStage`s; the loss is the LM's (per labelled token), as for 'lm'."""
+        if task.name not in PP_OBJECTIVES or cfg.model.video is not None:
+            raise ConfigError(f"train.objective '{task.name}': parallel.pp cuts the text LM and the image–text model "
+                              f"and supports the {', '.join(repr(o) for o in ('lm', *PP_OBJECTIVES))} objectives only; "
+                              "use parallel.dp_shard, parallel.tp and parallel.cp")
+        if dims.tp > 1 or dims.cp > 1:
+            raise ConfigError(f"train.objective '{task.name}': parallel.pp > 1 together with parallel.tp or parallel.cp "
+                              "> 1 is not supported in this version")
+        p = cfg.parallel
+        mesh = build_mesh(dims, device.type)
+        stages = build_stages(model, mesh["pp"], p.pp_schedule, p.pp_virtual_stages)
+        modules = [m for _, m in stages]
         replicated = []
-        if dims.dp > 1:
-            replicated = apply_fsdp(model, mesh["dp"], dtype, cfg.parallel.reshard_after_forward, units=shard_units(model))
-        return cls(dims, mesh, device, [model], model, vocab_parallel=False, task=task, replicated=replicated)
+        for m in modules:
+            for block in m.lm.layers.values():
+                per_block(block)
+            if dims.dp > 1:
+                replicated += apply_fsdp(m, mesh["dp"], dtype, p.reshard_after_forward, units=shard_units(m))
+        run = cls(dims, mesh, device, modules, StateView(modules), vocab_parallel=False, task=task,
+                  replicated=replicated, grad_mesh=mesh["dp"])
+        documents = getattr(task.opts, "documents", None)
+        run.pipeline_shape = (cfg.train.seq_len, task.opts.max_images if documents else 1, task.tokenizer.pad_id)
+        run._attach_schedule(stages, model.args.n_layers, cfg)
+        return run
 
     # ---------------------------------------------------------------- where this rank sits
 
@@ -127,7 +193,7 @@ class ParallelRun:
         return self.mesh["dp"].get_local_rank()
 
     def _holds_stage(self, first: bool) -> bool:
-        return any((s.tok_embeddings if first else s.output) is not None for s in self.modules) if self.schedule else True
+        return any((s.first if first else s.last) for s in self.modules) if self.schedule else True
 
     @property
     def counts_loss(self) -> bool:
@@ -154,7 +220,20 @@ class ParallelRun:
 
     def forward_backward(self, batch, n_labels: int, autocast, backward: bool = True) -> torch.Tensor:
         """Run one micro-batch `[batch, seq]` (this DP rank's); return this rank's summed loss (float64, 0 if it holds none)."""
+        if self.schedule is not None:
+            args, labels = self._pipeline_inputs(batch)
+            self._pending = {"sum": torch.zeros((), dtype=torch.float64), "n_labels": max(n_labels, 1)}
+            args = args if self._holds_stage(first=True) else ()
+            target = labels if self._holds_stage(first=False) else None
+            with self._loss_context(), autocast():
+                if backward:
+                    self.schedule.step(*args, target=target)
+                else:
+                    self.schedule.eval(*args, target=target)
+            return self._pending["sum"]
         if self.task is not None:
+            if self.context is not None:
+                batch = self.context.local_batch(batch)
             with autocast():
                 loss = self.task.loss(self.modules[0], batch, self.device)
             if backward:
@@ -162,18 +241,6 @@ class ParallelRun:
             return _local(loss.detach()).double().cpu()
         tokens, labels, doc_ids = (t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids))
         with self._loss_context():
-            if self.schedule is not None:
-                self._pending = {"sum": torch.zeros((), dtype=torch.float64), "n_labels": max(n_labels, 1)}
-                for m in self.modules:
-                    m.queue_doc_ids(doc_ids, self.schedule._n_microbatches)
-                args = (tokens,) if self._holds_stage(first=True) else ()
-                target = labels if self._holds_stage(first=False) else None
-                with autocast():
-                    if backward:
-                        self.schedule.step(*args, target=target)
-                    else:
-                        self.schedule.eval(*args, target=target)
-                return self._pending["sum"]
             if self.dims.cp > 1:
                 cp, rank = self.dims.cp, self.mesh["cp"].get_local_rank()
                 tokens, labels = shard_sequence(tokens, cp, rank), shard_sequence(labels, cp, rank)
@@ -184,11 +251,25 @@ class ParallelRun:
                 (loss / max(n_labels, 1)).backward()
             return _local(loss.detach()).double().cpu()
 
+    def _pipeline_inputs(self, batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The first stage's arguments and the last stage's targets; every stage queues the integer inputs it reads."""
+        micro = self.schedule._n_microbatches
+        if self.task is None:
+            tokens, labels, doc_ids = (t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids))
+            for m in self.modules:
+                m.queue_doc_ids(doc_ids, micro)
+            return (tokens,), labels
+        tokens, labels, images, ratios = fixed_media_batch(batch, *self.pipeline_shape, self.device)
+        for m in self.modules:
+            m.queue_inputs(tokens, ratios, micro)
+        return (tokens, images), labels
+
     @torch.no_grad()
     def evaluate(self, batches, autocast) -> float | dict[str, float]:
         """Mean held-out loss per labelled token (a task's own metrics); every DP rank evaluates the same batches."""
-        if self.task is not None:
-            return self.task.evaluate(self.modules[0], batches, self.device, autocast)
+        if self.task is not None and self.schedule is None:  # under CP: the whole sequences on every rank
+            with self.context.disabled() if self.context is not None else contextlib.nullcontext():
+                return self.task.evaluate(self.modules[0], batches, self.device, autocast)
         for m in self.modules:
             m.eval()
             m.evaluating = True
@@ -200,7 +281,8 @@ class ParallelRun:
         for m in self.modules:
             m.train()
             m.evaluating = False
-        return float(self.sum_over_replica(total)) / max(count, 1)
+        loss = float(self.sum_over_replica(total)) / max(count, 1)
+        return loss if self.task is None else {"val_loss": loss}  # a pipelined task: its held-out loss only
 
     # ---------------------------------------------------------------- reductions
 
@@ -233,7 +315,7 @@ class ParallelRun:
         L2 norm of all gradients (sharded by FSDP/TP, split by PP) and scale them down to `max_norm`."""
         for p in self.replicated:
             if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.mesh["dp"].get_group())
+                dist.all_reduce(p.grad, group=self.grad_mesh.get_group())
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         local = torch.zeros((), dtype=torch.float64)
         for g in grads:

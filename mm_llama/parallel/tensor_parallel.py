@@ -11,10 +11,14 @@ The composed models (`apply_tp_composed`) add, block type by block type:
   its per-head query/key RMSNorm weights see only this rank's heads, so their gradients are summed
   over the TP group in backward; the tanh gates act on all-reduced outputs and stay replicated;
 - the image encoder's open_clip blocks (ViT, global gated layers, the CLIP text tower): the MLP
-  (`c_fc` by columns, `c_proj` by rows, biases included). Attention stays replicated on every TP rank:
-  open_clip keeps q, k and v in one fused `in_proj_weight` `[3·width, width]` (or inside
-  `nn.MultiheadAttention`), whose contiguous row split would give rank 0 all of q and part of k; a
-  by-heads split needs a strided layout that would no longer save under the tensor's own name;
+  (`c_fc` by columns, `c_proj` by rows, biases included) and the attention by heads
+  (`split_fused_attention`). open_clip keeps q, k and v in one fused `in_proj_weight` `[3·width, width]`
+  (its own `Attention`, or `nn.MultiheadAttention`): its contiguous row split would give rank 0 all of q
+  and part of k, and a by-heads (strided) split has no DTensor placement that checkpoints can save. So
+  the fused weight and bias stay row-sharded in that plain layout (same name, same full tensor, 1/tp of
+  the memory and optimizer state) and each forward all-gathers them (3·width² values, small beside a
+  tile sequence's activations) and keeps this rank's heads' rows; backward reduce-scatters their
+  gradients. The heads then run as in the LM block: `out_proj` by rows, one all-reduce;
 - Conformer blocks: attention wq/wk/wv by columns and wo by rows, both macaron FFNs like the LM's;
   the convolution module stays replicated.
 Everything else (tile tables, adapters, the video aggregator, heads) is replicated over TP and
@@ -28,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ..config import ConfigError
@@ -115,6 +119,85 @@ def _divides(tp: int, value: int, field: str) -> None:
         raise ConfigError(f"parallel.tp={tp} does not divide {field} ({value})")
 
 
+def _local_heads(fused: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """`[3·width, ...]` row-sharded DTensor (q, k, v stacked, heads contiguous in each) → this rank's heads'
+    rows `[3·width/tp, ...]` (its q rows, then k, then v). The gradient of the gathered copy holds only
+    these rows, so it is marked Partial: backward reduce-scatters it into the shards."""
+    full = fused.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+    return full.unflatten(0, (3, tp, -1))[:, rank].flatten(0, 1)
+
+
+def _local_mask(mask: torch.Tensor | None, n: int, heads: int, tp: int, rank: int, dtype) -> torch.Tensor | None:
+    """An attention mask as open_clip passes it (`[L, L]`, `[n·heads, L, L]` or `[n, 1 or heads, L, L]`; bool:
+    True = blocked) → additive, for this rank's heads."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    if mask.ndim == 3:
+        mask = mask.unflatten(0, (n, heads))
+    if mask.ndim == 4 and mask.shape[1] == heads:
+        mask = mask.unflatten(1, (tp, -1))[:, rank]
+    return mask.to(dtype)
+
+
+def _refuse_variants(attn: nn.Module) -> None:
+    """open_clip's options that act on all heads at once or hold per-head parameters are not split."""
+    if isinstance(attn, nn.MultiheadAttention):
+        odd = {"separate q/k/v projections": not attn._qkv_same_embed_dim,
+               "bias_k/bias_v": attn.bias_k is not None, "add_zero_attn": attn.add_zero_attn}
+    else:
+        odd = {"qk_norm": not isinstance(attn.ln_q, nn.Identity),
+               "scaled cosine attention": attn.logit_scale is not None, "scale_heads": attn.head_scale is not None,
+               "scale_attn_inner": not isinstance(attn.ln_inner, nn.Identity)}
+    used = [k for k, v in odd.items() if v]
+    if used:
+        raise NotImplementedError(f"parallel.tp > 1 splits open_clip attention by heads; {', '.join(used)} is not "
+                                  "supported there (use parallel.tp=1)")
+
+
+def split_fused_attention(attn: nn.Module, mesh: DeviceMesh) -> None:
+    """Split open_clip's fused-q,k,v self-attention (`Attention` or `nn.MultiheadAttention`, batch first or
+    not) by heads in place: each rank computes heads/tp heads; `in_proj_weight`/`in_proj_bias` keep their
+    names and full tensors (row-sharded in their own layout, gathered for each forward)."""
+    tp, rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    heads = attn.num_heads
+    _divides(tp, heads, "the heads of an open_clip attention (model.vision.encoder.heads, train.options.text_heads)")
+    _refuse_variants(attn)
+    for name in ("in_proj_weight", "in_proj_bias"):
+        p = getattr(attn, name)
+        if p is not None:
+            setattr(attn, name, nn.Parameter(distribute_tensor(p.data, mesh, [Shard(0)]), p.requires_grad))
+    parallelize_module(attn.out_proj, mesh, RowwiseParallel())
+    mha = isinstance(attn, nn.MultiheadAttention)
+
+    def heads_forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[n, L, width]` (replicated) → `[n, L, width]` (replicated, after out_proj's all-reduce)."""
+        n, length, _ = x.shape
+        x = _SumGradOver.apply(x, group)  # every rank's heads read x: its gradient is their sum
+        bias = None if attn.in_proj_bias is None else _local_heads(attn.in_proj_bias, tp, rank)
+        qkv = F.linear(x, _local_heads(attn.in_proj_weight, tp, rank), bias)
+        q, k, v = qkv.view(n, length, 3, heads // tp, -1).permute(2, 0, 3, 1, 4)  # 3 × [n, heads/tp, L, head_dim]
+        dropout = (attn.dropout if mha else attn.attn_drop.p) if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, _local_mask(attn_mask, n, heads, tp, rank, q.dtype), dropout)
+        return attn.out_proj(out.transpose(1, 2).reshape(n, length, -1))  # local heads = Shard(-1) of the width
+
+    if not mha:
+        attn.forward = heads_forward
+        return
+
+    def mha_forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+        if key is not query or value is not query or key_padding_mask is not None or need_weights or is_causal:
+            raise NotImplementedError("a head-split nn.MultiheadAttention runs self-attention only, with an explicit "
+                                      "attn_mask, no key_padding_mask and need_weights=False (open_clip's call)")
+        x = query if attn.batch_first else query.transpose(0, 1)
+        out = heads_forward(x, attn_mask)
+        return (out if attn.batch_first else out.transpose(0, 1)), None
+
+    attn.forward = mha_forward
+
+
 def apply_tp_composed(model: nn.Module, mesh: DeviceMesh) -> None:
     """Parallelize every block of a composed model (or a bare encoder / LM) in place; names are unchanged."""
     from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
@@ -139,9 +222,10 @@ def apply_tp_composed(model: nn.Module, mesh: DeviceMesh) -> None:
             for norm in (unit.attention.q_norm, unit.attention.k_norm):
                 _head_norm_over(norm, mesh.get_group())
         elif isinstance(unit, (CustomResidualAttentionBlock, ResidualAttentionBlock, GatedBlock)):
-            mlp = unit.block.mlp if isinstance(unit, GatedBlock) else unit.mlp
-            _divides(tp, mlp.c_fc.out_features, "the image encoder's MLP width (width · mlp_ratio)")
-            parallelize_module(mlp, mesh, {k.removeprefix("mlp."): v for k, v in OPEN_CLIP_MLP_PLAN.items()})
+            block = unit.block if isinstance(unit, GatedBlock) else unit
+            _divides(tp, block.mlp.c_fc.out_features, "the image encoder's MLP width (width · mlp_ratio)")
+            parallelize_module(block.mlp, mesh, {k.removeprefix("mlp."): v for k, v in OPEN_CLIP_MLP_PLAN.items()})
+            split_fused_attention(block.attn, mesh)
         elif isinstance(unit, ConformerBlock):
             _divides(tp, unit.attention.n_heads, "model.speech.encoder.n_heads")
             _divides(tp, unit.ffn1.w1.out_features, "model.speech.encoder.ffn_dim")

@@ -6,8 +6,9 @@ clip, set the scheduled learning rate, step, log one metrics row; checkpoint ato
 A run directory that already holds checkpoints resumes from the newest one, data position and RNG included.
 
 Under `torchrun` (WORLD_SIZE > 1) the same loop runs on every rank over a `parallel.ParallelRun`: the
-model is sharded by the `parallel:` section (all four dimensions for the text objective `lm`; FSDP
-and TP for every other objective), each data-parallel rank reads its own share of the data (the
+model is sharded by the `parallel:` section (all four dimensions for `lm`; FSDP, TP and CP for the
+per-token objectives, PP also for `vision_lm`; FSDP and TP for the rest), each data-parallel rank reads
+its own share of the data (the
 task's loader for that rank), losses and loss-unit counts are summed over ranks, checkpoints are
 distributed (DCP), and only rank 0 writes metrics, plots and `final/` (one safetensors file, as a
 single-process run writes it).
@@ -161,7 +162,7 @@ def _resume_data(loader, position, dp_rank: int, dp: int) -> None:
     """Put `loader` at a saved data position: one state, or one per data-parallel rank of the saved run."""
     if not isinstance(position, list):
         loader.load_state_dict(position)
-    elif hasattr(loader, "load_state_dicts"):  # the loader re-splits (or checks) the positions itself
+    elif hasattr(loader, "load_state_dicts"):  # every data loader: continues, or re-splits for another DP size
         loader.load_state_dicts(position)
     elif len(position) == dp:
         loader.load_state_dict(position[dp_rank])

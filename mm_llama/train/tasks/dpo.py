@@ -13,7 +13,10 @@ better one (`nll_on: better`) also raises the hedged middle answer, which then o
 tokens (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, `<|eom_id|>`) are left out of every
 log-prob: they appear in both responses and, kept in, push the model to repeat or cut its tails. The
 reference log-probs come from a frozen copy of the starting model (`reference: model`), or from the
-records (`reference: stored`, field `reference_logps` written by `store_reference_logps`).
+records (`reference: stored`, field `reference_logps` written by `store_reference_logps`). Under
+torchrun the parallel runtime sets `frozen_layout`, and the reference is laid out like the policy
+(`parallel.fsdp.shard_frozen`: the same TP plan, FSDP per block, no gradients), so it costs 1/dp of its
+memory per rank.
 `reference_ema: {every: k, decay: d}`
 updates the training reference by EMA every k optimizer steps (the paper's vision DPO; k UNCONFIRMED,
 see `mm_llama.post.ema`); its weights ride in the data-loader state of each checkpoint, so a resumed
@@ -193,13 +196,16 @@ class NumberedBatches:
             self.ema.load_state_dict(state["reference_ema"])
 
     def load_state_dicts(self, states: list[dict]) -> None:
-        """The states of all data-parallel ranks: the preference loader re-splits or checks them itself."""
-        if not all(isinstance(x, dict) and "loader" in x for x in states):
-            raise ValueError("not DPO loader states (expected 'loader' and 'delivered')")
+        """The states of all data-parallel ranks: the preference loader continues or re-splits them itself; every
+        rank delivers as many batches, so the batch number (and the EMA reference) is the first rank's."""
+        if not isinstance(states, list) or not states or not all(isinstance(x, dict) and "loader" in x for x in states):
+            raise ValueError("not DPO loader states (expected a list of dicts with 'loader' and 'delivered')")
+        if (self.ema is not None) != ("reference_ema" in states[0]):
+            raise ValueError("the checkpoint was written with a different train.options.reference_ema setting")
         self.loader.load_state_dicts([x["loader"] for x in states])
-        self.delivered = int(states[self.loader.rank]["delivered"])
+        self.delivered = int(states[0]["delivered"])
         if self.ema is not None:
-            self.ema.load_state_dict(states[self.loader.rank]["reference_ema"])
+            self.ema.load_state_dict(states[0]["reference_ema"])
 
 
 @register("dpo")
@@ -219,6 +225,8 @@ class DPO(PostTask):
                               "and needs a fixed grad_accum (no train.ramp)")
         self._reference = None
         self._ema = None
+        # set by the parallel runtime: lays a frozen model out like the policy (None: one process, kept whole)
+        self.frozen_layout = None
 
     def build_model(self):
         return self.model_from_state(self.start_state())
@@ -237,11 +245,13 @@ class DPO(PostTask):
         return self.start_state()
 
     def reference_model(self, device):
-        """The frozen starting reference: `reference_from`, else a copy of the starting weights (loaded again)."""
+        """The frozen starting reference: `reference_from`, else a copy of the starting weights (loaded again);
+        built on first use, on every rank at once under torchrun (its layout shards it over the ranks)."""
         if self._reference is None:
             ref = self.model_from_state(self._reference_state(), self._reference_source())
-            self._reference = ref.requires_grad_(False).eval()
-        return self._reference.to(device=device)
+            ref = ref.to(device=device).requires_grad_(False).eval()
+            self._reference = ref if self.frozen_layout is None else self.frozen_layout(ref)
+        return self._reference if self.frozen_layout is not None else self._reference.to(device=device)
 
     @property
     def ema(self):
