@@ -36,7 +36,8 @@ own only. An SFT loader may also read rankings as dialogs (`rankings=True`): the
 
 Loaders run in the training process (dialogs are small JSON records; tokenising them is cheap) and
 reuse the text pipeline's seeded walk over shards and weighted mix (`text_stream`, `mixing`). Their
-position is that of the first record not yet delivered, so a resumed loader continues exactly.
+position is that of the first record not yet delivered, so a resumed loader continues exactly; another
+number of ranks re-splits the positions (`resplit`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ import torch
 from .accounting import Counters, summarize
 from .config import DataConfig, SourceConfig
 from .mixing import Mixture, mixed_documents, start_position
+from .resplit import check_states, resplit, summed
 from .shards import DataError, read_shard, source_shards
 from .text_stream import SkipSample, SourceStream, derive_seed, sample_text
 
@@ -395,6 +397,7 @@ class _LoaderBase:
     _stats: dict = field(default_factory=dict, init=False)
     _filtered: int = field(default=0, init=False)
     _media_skipped: dict = field(default_factory=dict, init=False)
+    _shards: dict | None = field(default=None, init=False)  # shard count per source, read when first needed
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
@@ -404,11 +407,17 @@ class _LoaderBase:
         return {"kind": type(self).__name__, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [s.name for s in self.cfg.sources]}
 
+    def _shard_counts(self) -> dict[str, int]:
+        if self._shards is None:
+            self._shards = {s.name: len(source_shards(s, self.cfg.root)) for s in self.cfg.sources}
+        return self._shards
+
     def _stream(self, encode) -> tuple[RecordStream, Counters]:
         counters = Counters.from_dict(self._stats)
         stream = RecordStream(self.cfg, encode, self.seed, self.rank, self.world_size, self._position, counters)
         stream.filtered = self._filtered
         stream.media_skipped = dict(self._media_skipped)
+        self._shard_counts()
         return stream, counters
 
     def _delivered(self, stream: RecordStream, counters: Counters) -> None:
@@ -418,14 +427,18 @@ class _LoaderBase:
         self._media_skipped = dict(stream.media_skipped)
 
     def state_dict(self) -> dict:
-        """Plain dicts and numbers: the position of the next record and the counters."""
+        """Plain dicts and numbers: the position of the next record, the counters, and each source's shard count
+        (None before the loader has read)."""
         return {"format": STATE_FORMAT, **self._identity(), "position": self._position, "stats": dict(self._stats),
-                "filtered": self._filtered, "media_skipped": dict(self._media_skipped)}
+                "filtered": self._filtered, "media_skipped": dict(self._media_skipped),
+                "shards": None if self._shards is None else dict(self._shards)}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a dialog loader state (expected format {STATE_FORMAT!r})")
         diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._identity().items() if state.get(k) != v]
+        if state.get("shards") is not None and state["shards"] != self._shard_counts():
+            diff.append(f"shards: saved {state['shards']!r}, now {self._shard_counts()!r}")
         if diff:
             raise ValueError("the data loader state was saved under different settings, so it cannot continue "
                              "exactly: " + "; ".join(diff))
@@ -434,11 +447,22 @@ class _LoaderBase:
         self._media_skipped = {k: int(v) for k, v in state.get("media_skipped", {}).items()}
 
     def load_state_dicts(self, states: list[dict]) -> None:
-        """The states of all ranks; this loader continues from its own rank's (same number of ranks only)."""
-        if len(states) != self.world_size:
-            raise ValueError(f"dialog loaders resume with the same number of ranks: saved {len(states)}, "
-                             f"now {self.world_size}")
-        self.load_state_dict(states[self.rank])
+        """Continue from the states of all ranks of a run (`states[r]` is rank r's `state_dict()`): exactly with the
+        same number of ranks, else from the positions re-split (`resplit`; rank 0 carries on all the counters)."""
+        check_states(states, STATE_FORMAT, "a dialog loader", self._identity(), ("kind", "seed", "sources"))
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        shards = self._shard_counts()
+        for i, st in enumerate(states):
+            if st.get("position") is not None and st.get("shards") != shards:
+                raise ValueError(f"data state {i} was saved with shard counts {st.get('shards')!r} (now {shards!r}), "
+                                 "so its position cannot be re-split")
+        self._position = resplit([st.get("position") for st in states], shards, self.world_size, [self.rank])[0]
+        mine = self.rank == 0
+        self._stats = summed([st.get("stats") for st in states]) if mine else {}
+        self._filtered = sum(int(st.get("filtered", 0)) for st in states) if mine else 0
+        self._media_skipped = summed([st.get("media_skipped") for st in states]) if mine else {}
 
     def stats(self) -> dict:
         """`skipped_samples`, `skipped_shards`, `documents` (records delivered), `packing_efficiency`, `tokens`,

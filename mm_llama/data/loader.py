@@ -8,18 +8,15 @@ DataLoader always reads physical worker 0 first, so logical ids are rotated to m
 was next be physical worker 0. Batches are then identical to an uninterrupted run.
 
 Resuming with a different number of data-parallel ranks (or workers) cannot continue every stream
-exactly, because the shards of an epoch are dealt out by consumer count. `resplit_positions` maps the
-saved positions onto the new consumers so that no shard is skipped: per source, the resume point is
-the earliest (epoch, index in that epoch's global shard order) at which any old consumer stands, and
-each new consumer continues with the first shard of its new share at or after that index. Shards past
-that point that a faster old consumer had already started are read again (at most one per old
-consumer and source); document packing restarts at a document boundary, and the skipped/delivered
-counters of all old consumers carry over to the new first consumer.
+exactly, because the shards of an epoch are dealt out by consumer count: `load_state_dicts` deals the
+saved positions out again by the rule all loaders share (`resplit`: no sample is skipped). Document
+packing restarts at a document boundary, and the counters of all old consumers carry over to the new
+first consumer.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -29,6 +26,7 @@ from .accounting import Counters, summarize
 from .config import DataConfig
 from .mixing import Mixture, mixed_documents, start_position
 from .packing import Packer, rows_to_batch
+from .resplit import check_states, resplit, summed, worker_states
 from .shards import DataError, read_shard, source_shards
 from .text_stream import SkipSample, SourceStream, sample_document
 
@@ -199,18 +197,11 @@ class TextLoader:
         The same number of ranks and workers continues exactly; another number re-splits the positions
         (module docstring).
         """
-        for i, st in enumerate(states):
-            if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
-                raise ValueError(f"data state {i}: not a TextLoader state (expected format {STATE_FORMAT!r})")
         p = self._plan
+        check_states(states, STATE_FORMAT, "a TextLoader", self._identity(), ("seed", "sources"))
         if len(states) == p.world_size and states[p.rank].get("workers") == p.workers:
             self.load_state_dict(states[p.rank])
             return
-        mine = self._identity()
-        for key in ("seed", "sources"):
-            if states[0].get(key) != mine[key]:
-                raise ValueError(f"the data loader state was saved with different {key} ({states[0].get(key)!r}, now "
-                                 f"{mine[key]!r}), so it cannot be re-split")
         self._states = resplit_positions(states, p)
         self._next = 0
 
@@ -257,27 +248,11 @@ def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, batch_size: int, m
 
 def resplit_positions(states: list[dict], plan: _Plan) -> list[dict]:
     """Per-worker states of rank `plan.rank` of `plan.world_size` from the states of every old rank (module docstring)."""
-    old_workers = int(states[0]["workers"])
-    n_old, n_new = len(states) * old_workers, plan.world_size * plan.workers
-    counters = Counters()
-    resume: dict[str, tuple[int, int]] = {}
-    for r, st in enumerate(states):
-        for w, pos in enumerate(st["positions"]):
-            c = r * old_workers + w
-            for f in fields(Counters):
-                setattr(counters, f.name, getattr(counters, f.name) + getattr(Counters.from_dict(pos.get("stats")), f.name))
-            cursors = pos["packer"]["doc"]["cursors"] if pos.get("packer") else {}
-            for name, n_shards in ((s.name, len(plan.urls[s.name])) for s in plan.cfg.sources):
-                epoch, shard, _ = cursors.get(name, [0, 0, 0])
-                index = shard if n_shards < n_old else c + n_old * shard  # index in the epoch's global order
-                resume[name] = min(resume.get(name, (epoch, index)), (epoch, index))
-    out = []
-    for w in range(plan.workers):
-        c = plan.rank * plan.workers + w
-        cursors = {}
-        for name, (epoch, index) in resume.items():
-            strided = len(plan.urls[name]) < n_new
-            cursors[name] = [epoch, index if strided else max(0, -(-(index - c) // n_new)), 0]
-        stats = counters.to_dict() if c == 0 else {}
-        out.append({"packer": {"doc": {"n": 0, "cursors": cursors}, "offset": None}, "stats": stats})
-    return out
+    old = worker_states(states)
+    first = plan.rank * plan.workers
+    positions = resplit([w["packer"]["doc"] if w.get("packer") else None for w in old],
+                        {name: len(urls) for name, urls in plan.urls.items()}, plan.world_size * plan.workers,
+                        range(first, first + plan.workers))
+    stats = summed([w.get("stats") for w in old])
+    return [{"packer": {"doc": doc, "offset": None}, "stats": stats if first + w == 0 else {}}
+            for w, doc in enumerate(positions)]

@@ -14,8 +14,9 @@ Reading order is the text loader's (`text_stream.SourceStream` and `mixing`): pe
 order per epoch split over ranks, a seeded shuffle buffer within a shard, sources mixed by a
 counter-based draw. The loader runs in the calling process (no DataLoader workers: the decode cost is
 small beside the encoder's), and its state is the mixing position of the next utterance plus its
-counters. Every random choice for an utterance (crop offset, SpecAugment) is drawn from a generator
-seeded by (run seed, shard, sample, epoch), so a resumed loader yields the very same batches.
+counters; another number of ranks re-splits the positions (`resplit`). Every random choice for an
+utterance (crop offset, SpecAugment) is drawn from a generator seeded by (run seed, shard, sample,
+epoch), so a resumed loader yields the very same batches.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from encoders.speech.features import collate_features, features
 from .accounting import Counters
 from .config import DataConfig
 from .mixing import Mixture, mixed_documents, start_position
+from .resplit import check_states, resplit, summed
 from .shards import DataError, read_shard, source_shards
 from .speech import AudioCounters, SpeechSample, decode_speech_sample
 from .text_stream import SkipSample, SourceStream, derive_seed
@@ -223,11 +225,17 @@ class SpeechLoader:
         self.audio = AudioCounters.from_dict(state.get("audio"))
 
     def load_state_dicts(self, states: list[dict]) -> None:
-        """The engine's multi-rank resume entry point: this rank's own state (same number of ranks only)."""
-        if len(states) != self.world_size:
-            raise ValueError(f"the speech loader state holds {len(states)} ranks; this run has {self.world_size} "
-                             "(the speech loader resumes on the same number of ranks only)")
-        self.load_state_dict(states[self.rank])
+        """Continue from the states of all ranks of a run (`states[r]` is rank r's `state_dict()`): exactly with the
+        same number of ranks, else from the positions re-split (`resplit`; rank 0 carries on all the counters)."""
+        check_states(states, STATE_FORMAT, "a SpeechLoader", self._identity(), ("seed", "sources"))
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        self.position = resplit([st.get("position") for st in states],
+                                {name: len(urls) for name, urls in self.urls.items()}, self.world_size, [self.rank])[0]
+        mine = self.rank == 0
+        self.counters = Counters.from_dict(summed([st.get("stats") for st in states]) if mine else None)
+        self.audio = AudioCounters.from_dict(summed([st.get("audio") for st in states]) if mine else None)
 
     def stats(self) -> dict:
         """`skipped_samples` (unusable audio of every reason, bad records, over-long dialogs), `skipped_shards`,
