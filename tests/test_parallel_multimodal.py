@@ -217,7 +217,7 @@ def test_frozen_parts_are_sharded_but_hold_no_optimizer_state(dp_runs):
     assert any(k.startswith("optim.state.cross_attention.") for k in moments)
 
 
-@pytest.mark.parametrize("objective", [RESUMED, "bestrq", "sft", "dpo"])
+@pytest.mark.parametrize("objective", [RESUMED, "bestrq", "sft", "reward_model", "dpo"])
 def test_a_data_parallel_run_resumes_in_one_process(objective, dp_runs, root, lm_dir, tmp_path):
     """The DP=2 checkpoint holds two data positions; one process deals them to its one loader (`data/resplit.py`)
     and trains on."""

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..checkpoint.native import MODEL_YAML, CheckpointError, expected_shapes, read_safetensors, write_safetensors
 from ..config import ModelConfig, dump_config
@@ -67,9 +67,16 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
         raise CheckpointError(f"{folder}: not a distributed checkpoint (no {METADATA}); a torchrun run resumes "
                               "only from checkpoints written by torchrun runs")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    # get_state_dict gives a fresh optimizer a state for every parameter, but a saved run has none for those that
+    # never had a gradient (e.g. an output layer the reward model does not use): they start without one, as there.
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    stepped = {key.removeprefix("optim.state.").rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
+    optim_sd["state"] = {name: value for name, value in optim_sd["state"].items() if name in stepped}
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # Not strict for those parameters only: dcp.load above has already required every model tensor.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     return torch.load(folder / TRAINER, weights_only=True)
 
 
