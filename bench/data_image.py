@@ -7,12 +7,15 @@ and normalised in the main process with `model_images` (what the vision stage do
 when the device is the CPU). Beside them the previous float path (workers normalise and ship float32
 tiles). Limit: the same JPEG bytes decoded with `torchvision.io.decode_jpeg` and tiled with
 `tile_image` (normalisation included) in a tight loop, split over a pool of the same number of processes
-(one thread each), and the same with `tile_image_uint8` (the limit of the uint8 batches). Rounds alternate
+(one thread each), and the same with `tile_image_uint8` (the limit of the uint8 batches: the same
+`resize_to_canvas` and `cut_tiles` the loader runs, into a new tensor per image where the loader cuts into
+the batch, so a faster tiling speeds up both sides and the ratio shows the loader's own cost). Rounds alternate
 between all five; medians are reported, with the load average. Beside samples/s, the CPU time per sample of
 this process and all its children (loader workers, pool processes; read from /proc): on a machine shared
 with other jobs the wall-clock rates swing with their load, the CPU each sample costs much less.
 
     python bench/data_image.py [--images 1536] [--workers 2] [--width 448 --height 336] [--tile 224]
+                               [--runs uint8,limit_uint8]  (some rows only; default all five)
 """
 from __future__ import annotations
 
@@ -98,7 +101,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--runs", default="uint8,limit_uint8,pipeline,float,limit",
+                   help="which measurements, comma-separated (default all: the rows of the table)")
     a = p.parse_args()
+    wanted = a.runs.split(",")
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +144,10 @@ def main() -> None:
         runs = {"uint8": lambda: pipeline(uint8=True, normalise=False), "limit_uint8": lambda: limit(uint8=True),
                 "pipeline": lambda: pipeline(uint8=True), "float": lambda: pipeline(uint8=False),
                 "limit": lambda: limit(uint8=False)}
+        unknown = sorted(set(wanted) - set(runs))
+        if unknown:
+            p.error(f"--runs: unknown {unknown}; choose from {', '.join(runs)}")
+        runs = {k: v for k, v in runs.items() if k in wanted}
         rates: dict[str, list[float]] = {k: [] for k in runs}
         cpus: dict[str, list[float]] = {k: [] for k in runs}
         load = [os.getloadavg()[0]]
@@ -165,7 +175,7 @@ def main() -> None:
     print(_common.markdown_table(
         ["", "samples/s (median)", "rounds", "/ its limit", "CPU ms per sample (median)", "its limit's / its"],
         [[label, f"{med[k]:.1f}", ", ".join(f"{r:.1f}" for r in rates[k]), f"{med[k] / med[ref]:.3f}",
-          f"{cpu[k] * 1e3:.2f}", f"{cpu[ref] / cpu[k]:.3f}"] for k, label, ref in rows]))
+          f"{cpu[k] * 1e3:.2f}", f"{cpu[ref] / cpu[k]:.3f}"] for k, label, ref in rows if k in med and ref in med]))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 `tile_image` does all of it. Data loaders split it: `tile_image_uint8` (steps 1, 2, 4 and the padding) in
 their worker processes, whose tiles cross process boundaries at a quarter of the float size, and
 `normalize_images` on a whole batch where it is consumed; the result is bit for bit `tile_image`'s.
+`tile_image_uint8` is `resize_to_canvas` (steps 1 and 2) then `cut_tiles` (padding and step 4, each tile
+written once from the resized image); a loader calls the two apart to cut straight into a batch's tile slots.
 """
 from __future__ import annotations
 
@@ -71,17 +73,52 @@ def _as_uint8_chw(image) -> torch.Tensor:
     raise TypeError(f"expected a PIL image or a uint8 tensor [3, H, W], got {type(image).__name__}")
 
 
-def tile_image_uint8(image, tile_size: int, max_num_tiles: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """`tile_image` before normalisation: (tiles `[rows·cols, 3, tile, tile]` uint8, black padding, (rows, cols))."""
+def resize_to_canvas(image, tile_size: int, max_num_tiles: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Steps 1 and 2: (the image resized, uint8 `[3, new_h, new_w]` in `TF.resize`'s layout, grid (rows, cols)).
+
+    `cut_tiles` pads and cuts it; a data loader can have it cut straight into a batch's tile slots.
+    """
     x = _as_uint8_chw(image)
     h, w = x.shape[-2:]
     rows, cols = best_canvas(h, w, tile_size, max_num_tiles)
-    canvas_h, canvas_w = rows * tile_size, cols * tile_size
-    new_h, new_w = fit_size(h, w, canvas_h, canvas_w, tile_size)
-    x = TF.resize(x, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    x = TF.pad(x, [0, 0, canvas_w - new_w, canvas_h - new_h], fill=0)  # left, top, right, bottom
-    tiles = x.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)
-    return tiles.reshape(rows * cols, 3, tile_size, tile_size), (rows, cols)
+    new_h, new_w = fit_size(h, w, rows * tile_size, cols * tile_size, tile_size)
+    return TF.resize(x, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True), (rows, cols)
+
+
+def cut_tiles(resized: torch.Tensor, grid: tuple[int, int], tile_size: int, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """`resize_to_canvas`'s image padded with black at the bottom and right and cut into row-major tiles
+    `[rows·cols, 3, tile, tile]`, each pixel written once (no padded canvas, no second copy to cut it).
+
+    `out`: tile slots `[≥ rows·cols, 3, tile, tile]` to write into (such as one image's slots of a batch).
+    """
+    rows, cols = grid
+    h, w = resized.shape[-2:]
+    if h > rows * tile_size or w > cols * tile_size:
+        raise ValueError(f"a {h}x{w} image does not fit a {rows}x{cols} grid of {tile_size}-pixel tiles")
+    if out is None:
+        out = torch.empty(rows * cols, 3, tile_size, tile_size, dtype=resized.dtype)
+    for r in range(rows):
+        top = r * tile_size
+        th = min(max(h - top, 0), tile_size)
+        for c in range(cols):
+            tile, left = out[r * cols + c], c * tile_size
+            tw = min(max(w - left, 0), tile_size)
+            if th == 0 or tw == 0:
+                tile.zero_()
+                continue
+            tile[:, :th, :tw].copy_(resized[:, top : top + th, left : left + tw])
+            if th < tile_size:
+                tile[:, th:].zero_()
+            if tw < tile_size:
+                tile[:, :th, tw:].zero_()
+    return out[: rows * cols]
+
+
+def tile_image_uint8(image, tile_size: int, max_num_tiles: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`tile_image` before normalisation: (tiles `[rows·cols, 3, tile, tile]` uint8, black padding, (rows, cols))."""
+    resized, grid = resize_to_canvas(image, tile_size, max_num_tiles)
+    return cut_tiles(resized, grid, tile_size), grid
 
 
 def normalize_tiles(tiles: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:

@@ -36,13 +36,15 @@ reason: `empty`, `truncated`, `wrong_extension` (content is another format than 
 `too_large` (more than `max_pixels`, checked from the header before decoding: decompression bombs),
 `undecodable`, `no_image` (no image member), `no_text` (no caption or question for the task).
 
-Workers tile in uint8 when asked (`uint8=True`: `tile_image_uint8`, a quarter of the bytes through shared
-memory); `model_images` normalises such a batch where it is used, to exactly the floats `tile_image` gives.
+Workers tile in uint8 when asked (`uint8=True`: `tile_image_uint8`'s tiles, a quarter of the bytes through shared
+memory), resizing each image when it is decoded and cutting its tiles straight into the batch (`Tiled.resized`,
+`collate_images`); `model_images` normalises such a batch where it is used, to exactly the floats `tile_image` gives.
 
 `ImageLoader` streams examples like `TextLoader`: one deterministic, replayable stream per
 (rank, worker) consumer (`SourceStream`'s epoch → shard → sample walk and `Mixture`'s weighted
 draw), decoding and tiling inside the DataLoader workers, batches handed out round-robin, and the
-position of every logical worker kept in the main process, so `state_dict()` resumes exactly.
+position of every logical worker kept in the main process, so `state_dict()` resumes exactly; another
+number of ranks or workers re-splits the positions (`load_state_dicts`, the rule all loaders share in `resplit`).
 """
 from __future__ import annotations
 
@@ -60,11 +62,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image as tv_decode_image, decode_jpeg
 
-from encoders.vision.transform import normalize_images, stack_images, stack_shape, tile_image, tile_image_uint8
+from encoders.vision.transform import cut_tiles, normalize_images, resize_to_canvas, tile_image
 
 from .accounting import Counters
+from .batch_buffers import BufferPool, keep_freed_memory, shared_storage, take_lent
 from .config import DataConfig
 from .mixing import Mixture, mixed_documents, start_position
+from .resplit import check_states, resplit, summed, worker_states
 from .shards import read_shard, source_shards
 from .text_stream import SkipSample, SourceStream, derive_seed
 
@@ -73,6 +77,7 @@ log = logging.getLogger("mm_llama.data")
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 64 * 2**20  # 64 megapixels: beyond this an image is a decompression bomb, not training data
 STATE_FORMAT = "mm_llama.data.ImageLoader/1"
+PREFETCH = 2  # batches each DataLoader worker keeps ready (DataLoader's default prefetch_factor)
 
 
 class ImageError(ValueError):
@@ -182,17 +187,54 @@ def sample_caption(sample: dict, meta: dict) -> str | None:
     return text.strip() if isinstance(text, str) and text.strip() else None
 
 
-@dataclass
 class Tiled:
-    """One decoded image cut into tiles: `[rows·cols, 3, tile, tile]` (float normalised, or uint8), and (rows, cols)."""
+    """One decoded image cut into tiles: `tiles` `[rows·cols, 3, tile, tile]` (float normalised, or uint8), and
+    `grid` (rows, cols).
 
-    tiles: torch.Tensor
-    grid: tuple[int, int]
+    `Tiled.resized(image, grid, tile_size)` holds the uint8 image resized onto its canvas (`resize_to_canvas`)
+    instead: `collate_images` cuts it straight into the batch's tile slots (`cut_into`), each pixel copied once
+    where cutting first and stacking after copied it twice more; `tiles` cuts it on first use.
+    """
+
+    def __init__(self, tiles: torch.Tensor, grid: tuple[int, int]):
+        if tiles.ndim != 4 or tiles.shape[0] != grid[0] * grid[1]:
+            raise ValueError(f"tiles {list(tiles.shape)} for a {grid[0]}x{grid[1]} grid: "
+                             f"expected [{grid[0] * grid[1]}, 3, tile, tile]")
+        self._tiles, self._resized, self.grid, self.tile_size = tiles, None, tuple(grid), tiles.shape[-1]
+
+    @classmethod
+    def resized(cls, image: torch.Tensor, grid: tuple[int, int], tile_size: int) -> "Tiled":
+        tiled = cls.__new__(cls)
+        tiled._tiles, tiled._resized, tiled.grid, tiled.tile_size = None, image, tuple(grid), tile_size
+        return tiled
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        if self._tiles is None:
+            self._tiles = cut_tiles(self._resized, self.grid, self.tile_size)
+        return self._tiles
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self._resized if self._tiles is None else self._tiles).dtype
+
+    def cut_into(self, slots: torch.Tensor) -> None:
+        """Write the tiles into `slots[:rows·cols]` (`slots` `[≥ rows·cols, 3, tile, tile]`: its place in a batch)."""
+        if self._tiles is None:
+            cut_tiles(self._resized, self.grid, self.tile_size, out=slots)
+        else:
+            slots[: self._tiles.shape[0]] = self._tiles
+
+    def __repr__(self) -> str:
+        form = "tiles" if self._tiles is not None else "resized"
+        shape = list((self._resized if self._tiles is None else self._tiles).shape)
+        return f"Tiled(grid={self.grid}, {form} {shape} {self.dtype})"
 
 
 class ImageDecoder:
     """A shard sample → `Tiled` image (or None after counting why); runs inside the loader's workers.
-    `uint8`: tiles before normalisation (`tile_image_uint8`), for `model_images` to finish."""
+    `uint8`: the image resized for tiles before normalisation (`Tiled.resized`, cut by `collate_images` into the
+    batch: `tile_image_uint8`'s tiles), for `model_images` to finish."""
 
     def __init__(self, tile_size: int, max_tiles: int, max_pixels: int = MAX_PIXELS, uint8: bool = False):
         self.tile_size, self.max_tiles, self.max_pixels, self.uint8 = tile_size, max_tiles, max_pixels, uint8
@@ -205,8 +247,9 @@ class ImageDecoder:
             counters.skip(e.reason, where, str(e))
             return None
         counters.decoded += 1
-        tiles, grid = (tile_image_uint8 if self.uint8 else tile_image)(pixels, self.tile_size, self.max_tiles)
-        return Tiled(tiles, grid)
+        if self.uint8:
+            return Tiled.resized(*resize_to_canvas(pixels, self.tile_size, self.max_tiles), self.tile_size)
+        return Tiled(*tile_image(pixels, self.tile_size, self.max_tiles))
 
     def __call__(self, sample: dict, counters: ImageCounters) -> Tiled | None:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
@@ -397,14 +440,17 @@ def consumer_batches(plan: _Plan, worker: int, state: dict) -> Iterator[tuple[An
 
 
 class _WorkerStreams(IterableDataset):
-    def __init__(self, plan: _Plan, states: list[dict], first: int):
-        self.plan, self.states, self.first = plan, states, first
+    def __init__(self, plan: _Plan, states: list[dict], first: int, buffers: BufferPool | None = None):
+        self.plan, self.states, self.first, self.buffers = plan, states, first, buffers
 
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info is not None else 0) + self.first) % self.plan.workers
+        if self.buffers is not None and info is not None:
+            keep_freed_memory()
+            self.buffers.enter(info.id)  # `collate_images` builds image batches in the pool's buffers
         for batch, state in consumer_batches(self.plan, worker, self.states[worker]):
-            yield batch, worker, state
+            yield batch, worker, state, take_lent()
 
 
 class ImageLoader:
@@ -446,13 +492,19 @@ class ImageLoader:
                 self._states[0] = state
                 yield batch
             return
-        dataset = _WorkerStreams(plan, [dict(s) for s in self._states], self._next)
-        batches = iter(DataLoader(dataset, batch_size=None, num_workers=plan.workers, in_order=True))
+        # per worker: PREFETCH batches in flight, the consumer's batch and its previous one, one being built
+        buffers = BufferPool(plan.workers, per_worker=PREFETCH + 3)
+        dataset = _WorkerStreams(plan, [dict(s) for s in self._states], self._next, buffers)
+        batches = iter(DataLoader(dataset, batch_size=None, num_workers=plan.workers, in_order=True,
+                                  prefetch_factor=PREFETCH))
         try:
-            for batch, worker, state in batches:
+            for batch, worker, state, lent in batches:
+                buffers.hold(lent)
                 self._states[worker] = state
                 self._next = (worker + 1) % plan.workers
                 yield batch
+                del batch, lent
+                buffers.release_unused()  # the buffers of batches the consumer has dropped
         finally:
             batches._shutdown_workers()  # promptly, not when the garbage collector finds the iterator
 
@@ -476,6 +528,24 @@ class ImageLoader:
                              "exactly: " + "; ".join(diff))
         self._states = [dict(s) for s in state["positions"]]
         self._next = int(state["next_worker"])
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue from the states of all ranks of a run (`states[r]` is rank r's `state_dict()`): exactly with the
+        same number of ranks and workers, else from the positions re-split (`resplit`; the counters of all old
+        workers go to rank 0's first worker)."""
+        p = self._plan
+        check_states(states, STATE_FORMAT, "an ImageLoader", self._identity(), ("seed", "sources"))
+        if len(states) == p.world_size and states[p.rank].get("workers") == p.workers:
+            self.load_state_dict(states[p.rank])
+            return
+        old = worker_states(states)
+        first = p.rank * p.workers
+        positions = resplit([w.get("position") for w in old], {name: len(urls) for name, urls in p.urls.items()},
+                            p.world_size * p.workers, range(first, first + p.workers))
+        stats, images = summed([w.get("stats") for w in old]), summed([w.get("images") for w in old])
+        self._states = [{"position": pos, **({"stats": stats, "images": images} if first + w == 0 else {})}
+                        for w, pos in enumerate(positions)]
+        self._next = 0
 
     def stats(self) -> dict:
         """`skipped_samples`, `skipped_shards`, `examples`, `decoded_images`, `skipped_images` by reason,
@@ -519,13 +589,30 @@ def collate_images(tiled: list[Tiled | list[Tiled]], max_tiles: int) -> tuple[to
     """One image (or a list of images) per example → images `[batch, n_images, max_tiles, 3, tile, tile]` (the
     tiles' dtype; n_images the most any example has, empty slots zero), aspect ratios `[batch, n_images, 2]`.
 
-    In a DataLoader worker the images are written straight into shared memory (as torch's `default_collate`
+    Equal to `stack_images` of the tiles. Resized images (`Tiled.resized`) are cut straight into their tile slots,
+    and in a DataLoader worker the batch is written straight into shared memory (as torch's `default_collate`
     does): a batch made in private memory is copied into shared memory again when it is sent.
     """
-    batch = [[(t.tiles, t.grid) for t in (x if isinstance(x, list) else [x])] for x in tiled]
-    out = None
-    if get_worker_info() is not None:
-        shape, dtype = stack_shape(batch, max_tiles)
-        storage = torch.UntypedStorage._new_shared(shape.numel() * dtype.itemsize)
-        out = torch.empty(0, dtype=dtype).set_(storage).view(shape)
-    return stack_images(batch, max_tiles, out)
+    batch = [x if isinstance(x, list) else [x] for x in tiled]
+    n = max((len(sample) for sample in batch), default=0)
+    if n == 0:
+        raise ValueError("collate_images needs at least one image in the batch")
+    first = next(sample[0] for sample in batch if sample)
+    shape = torch.Size((len(batch), n, max_tiles, 3, first.tile_size, first.tile_size))
+    if get_worker_info() is not None:  # a reused buffer of `ImageLoader`'s workers, or a new one
+        storage = shared_storage(shape.numel() * first.dtype.itemsize)
+        images = torch.empty(0, dtype=first.dtype).set_(storage, 0, shape)
+    else:
+        images = torch.empty(shape, dtype=first.dtype)
+    ratios = torch.zeros(len(batch), n, 2, dtype=torch.long)
+    for b, sample in enumerate(batch):
+        for j, image in enumerate(sample):
+            rows, cols = image.grid
+            if rows * cols > max_tiles:
+                raise ValueError(f"example {b} image {j}: {rows * cols} tiles for a {rows}x{cols} grid "
+                                 f"(max_tiles={max_tiles})")
+            image.cut_into(images[b, j])
+            images[b, j, rows * cols :] = 0
+            ratios[b, j, 0], ratios[b, j, 1] = rows, cols
+        images[b, len(sample) :] = 0
+    return images, ratios
