@@ -13,7 +13,8 @@ from mm_llama.model import Transformer
 from mm_llama.train.engine import train_stage
 from mm_llama.train.tasks import task_for
 from mm_llama.train.tasks.clip import retrieval_top1
-from mm_llama.train.tasks.vision_lm import ChatBatch, ChatExamples, CollateChat, answer_accuracy, resize_positions
+from mm_llama.train.tasks.vision_lm import (ChatBatch, ChatExamples, CollateChat, answer_accuracy, load_composed,
+                                           resize_positions, shrink_tiles)
 
 RANKS = 300
 
@@ -81,6 +82,46 @@ def test_resize_positions_keeps_the_class_row_and_constants():
     assert torch.allclose(out["vit.positional_embedding"][1:], torch.full((36, width), 0.5), atol=1e-6)
     assert torch.equal(out["tile_position_embedding"][..., 0, :], tiles[..., 0, :]) and out["other"] is state["other"]
     assert resize_positions(state, "", 4)["vit.positional_embedding"] is table
+
+
+def test_shrink_tiles_keeps_each_remaining_grid_and_its_first_tiles(tmp_path):
+    """A 4-tile encoder's tile tables cut to 2 tiles: row of grid g in the small table == row of g in the big one,
+    tiles [:2]; a composed model saved with 4 tiles loads into one of 2 (and of 1) with every other weight equal."""
+    from encoders.vision.transform import supported_aspect_ratios
+    from mm_llama.infer.loading import save_multimodal
+    from mm_llama.model.multimodal import MultimodalModel
+
+    def config(tiles):
+        return ModelConfig.model_validate({
+            "name": "t", "lm": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 300,
+                                "multiple_of": 16, "max_seq_len": 64},
+            "vision": {"encoder": {"tile_size": 28, "patch_size": 14, "width": 32, "layers": 2, "heads": 2,
+                                   "max_num_tiles": tiles, "intermediate_layers": [1], "n_global_layers": 1},
+                       "n_cross_attention_layers": 1}})
+
+    big_cfg = config(4)
+    torch.manual_seed(0)
+    big = MultimodalModel(big_cfg.lm, big_cfg.vision)
+    folder = save_multimodal(big, big_cfg, tmp_path / "big")
+    big_ids = {g: i for i, g in enumerate(supported_aspect_ratios(4), start=1)}
+    for tiles in (2, 1):
+        small_cfg = config(tiles)
+        small = MultimodalModel(small_cfg.lm, small_cfg.vision)
+        load_composed(small, folder)
+        for name in ("pre_tile_embedding", "tile_position_embedding", "post_tile_embedding"):
+            got, full = getattr(small.vision, name), getattr(big.vision, name)
+            assert got.shape[:2] == (len(supported_aspect_ratios(tiles)) + 1, tiles)
+            assert torch.equal(got[0], full[0, :tiles])
+            for i, grid in enumerate(supported_aspect_ratios(tiles), start=1):
+                assert torch.equal(got[i], full[big_ids[grid], :tiles]), (name, grid)
+        small_state, big_state = small.state_dict(), big.state_dict()
+        for k, v in small_state.items():
+            if not k.endswith(("tile_embedding", "tile_position_embedding")):
+                assert torch.equal(v, big_state[k]), k
+    state = {"pre_tile_embedding": torch.zeros(3, 2, 4)}
+    assert shrink_tiles(state, "", 4)["pre_tile_embedding"] is state["pre_tile_embedding"]  # never grown
+    with pytest.raises(ValueError, match="rows do not fit 2 tiles"):
+        shrink_tiles({"pre_tile_embedding": torch.zeros(5, 2, 4)}, "", 1)
 
 
 def test_chat_examples_label_only_the_answer(root):

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from encoders.vision.transform import supported_aspect_ratios
+
 from ...checkpoint.native import MODEL_SAFETENSORS, MODEL_YAML, is_run_dir, read_safetensors, run_dir_model
 from ...config import ConfigError, ModelConfig, load_config
 from ...data.demo_vision import ANSWERS
@@ -90,6 +92,31 @@ def resize_positions(state: dict[str, torch.Tensor], prefix: str, grid: int) -> 
     return out
 
 
+TILE_TABLES = ("pre_tile_embedding", "tile_position_embedding", "post_tile_embedding")
+
+
+def shrink_tiles(state: dict[str, torch.Tensor], prefix: str, max_tiles: int) -> dict[str, torch.Tensor]:
+    """Cut the encoder's tile tables in `state` (keys under `prefix`) down to `max_tiles` tiles per image.
+
+    The tables `[1 + aspect ratios, tiles, ...]` have a row per tile grid (`supported_aspect_ratios` order, row 0 =
+    empty slot); a model allowing fewer tiles keeps the rows of the grids it still supports and their first
+    `max_tiles` tiles, the entries those grids were trained with (e.g. an image model's encoder for one-tile
+    video frames). Tables for as many tiles or fewer are left alone (a larger model must not invent rows).
+    """
+    out = dict(state)
+    for name in TILE_TABLES:
+        key = f"{prefix}{name}"
+        if key not in state or state[key].shape[1] <= max_tiles:
+            continue
+        table, old = state[key], state[key].shape[1]
+        if table.shape[0] != len(supported_aspect_ratios(old)) + 1:
+            raise ValueError(f"{key}: {table.shape[0]} rows do not fit {old} tiles' aspect ratios")
+        row = {grid: i for i, grid in enumerate(supported_aspect_ratios(old), start=1)}
+        keep = [0, *(row[grid] for grid in supported_aspect_ratios(max_tiles))]
+        out[key] = table[keep, :max_tiles].clone()
+    return out
+
+
 def load_encoder(model: MultimodalModel, source: str | Path) -> None:
     """The image encoder of a CLIP stage (or any saved model with `vision.*` keys), all but its projection."""
     folder = model_folder(source)
@@ -98,7 +125,7 @@ def load_encoder(model: MultimodalModel, source: str | Path) -> None:
              if k.startswith("vision.") and not k.startswith("vision.projection.")}
     if not state:
         raise ConfigError(f"{path}: holds no image encoder ('vision.*' keys)")
-    state = resize_positions(state, "", model.vision.args.grid)
+    state = shrink_tiles(resize_positions(state, "", model.vision.args.grid), "", model.vision.args.max_num_tiles)
     expected = {k: v.shape for k, v in model.vision.state_dict().items() if not k.startswith("projection.")}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     wrong = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k]]
@@ -111,13 +138,15 @@ def load_encoder(model: MultimodalModel, source: str | Path) -> None:
 
 def load_composed(model: MultimodalModel, folder: Path, fresh: tuple[str, ...] = (),
                   state: dict[str, torch.Tensor] | None = None) -> None:
-    """Every weight of a saved composed model, positional tables resized to this model's tile grid.
+    """Every weight of a saved composed model, positional tables resized to this model's tile grid (and its tile
+    tables cut to its `max_num_tiles`, `shrink_tiles`).
 
     Keys under a prefix in `fresh` may be absent from the file (parts this stage adds, e.g. the video adapter's);
     they keep their initialisation. `state`: the file's tensors, already read (and adjusted) by the caller.
     """
     path = folder / MODEL_SAFETENSORS
     state = resize_positions(read_safetensors(path) if state is None else state, "vision.", model.vision.args.grid)
+    state = shrink_tiles(state, "vision.", model.vision.args.max_num_tiles)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     missing = [k for k in missing if not k.startswith(fresh)] if fresh else missing
