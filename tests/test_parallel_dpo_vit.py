@@ -273,3 +273,18 @@ def test_open_clip_attention_split_by_heads_reproduces_one_process(name, launch)
     # the fused q,k,v projection is what is split: half of its rows on each rank, under its own name
     assert got["fused"] and all(placement == "(Shard(dim=0),)" and shape[0] == 3 * 32 // 2
                                 for placement, shape in got["fused"].values())
+
+
+@pytest.mark.parametrize("option", ["qk_norm", "scaled_cosine", "scale_heads", "inner_norm"])
+def test_attention_variants_that_cannot_be_split_by_heads_are_refused(option):
+    from open_clip.transformer import Attention
+
+    from mm_llama.config import ConfigError
+    from mm_llama.parallel.tensor_parallel import _refuse_variants
+
+    _refuse_variants(Attention(16, 2))  # the plain form splits
+    _refuse_variants(torch.nn.MultiheadAttention(16, 2))
+    with pytest.raises(ConfigError, match="parallel.tp > 1 splits open_clip attention by heads"):
+        _refuse_variants(Attention(16, 2, **{option: True}))
+    with pytest.raises(ConfigError, match="bias_k/bias_v"):
+        _refuse_variants(torch.nn.MultiheadAttention(16, 2, add_bias_kv=True))

@@ -152,8 +152,8 @@ def _refuse_variants(attn: nn.Module) -> None:
                "scale_attn_inner": not isinstance(attn.ln_inner, nn.Identity)}
     used = [k for k, v in odd.items() if v]
     if used:
-        raise NotImplementedError(f"parallel.tp > 1 splits open_clip attention by heads; {', '.join(used)} is not "
-                                  "supported there (use parallel.tp=1)")
+        raise ConfigError(f"parallel.tp > 1 splits open_clip attention by heads; {', '.join(used)} is not "
+                          "supported there (use parallel.tp=1)")
 
 
 def split_fused_attention(attn: nn.Module, mesh: DeviceMesh) -> None:

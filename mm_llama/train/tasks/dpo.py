@@ -251,7 +251,7 @@ class DPO(PostTask):
             ref = self.model_from_state(self._reference_state(), self._reference_source())
             ref = ref.to(device=device).requires_grad_(False).eval()
             self._reference = ref if self.frozen_layout is None else self.frozen_layout(ref)
-        return self._reference if self.frozen_layout is not None else self._reference.to(device=device)
+        return self._reference
 
     @property
     def ema(self):
