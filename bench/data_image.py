@@ -39,6 +39,7 @@ from encoders.vision.transform import tile_image, tile_image_uint8  # noqa: E402
 from mm_llama.data.config import DataConfig  # noqa: E402
 from mm_llama.data.demo_vision import jpeg_bytes  # noqa: E402
 from mm_llama.data.image_text import ImageLoader, collate_images, model_images  # noqa: E402
+from mm_llama.data.shards import TAR_MTIME  # noqa: E402
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -110,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jpegs = [jpeg_bytes(photo_like(a.width, a.height, i)) for i in range(a.images)]
         for s in range(a.shards):
-            with wds.TarWriter(str(Path(tmp) / f"img-{s:06d}.tar")) as sink:
+            with wds.TarWriter(str(Path(tmp) / f"img-{s:06d}.tar"), mtime=TAR_MTIME) as sink:
                 for i in range(s, a.images, a.shards):
                     sink.write({"__key__": f"i{i:07d}", "jpg": jpegs[i], "txt": "x"})
         cfg = DataConfig(root=tmp, sources=[{"name": "img", "shards": "img-*.tar"}], num_workers=a.workers)

@@ -33,7 +33,7 @@ class ByteTokenizer:
 def write_shard(path: Path, samples: list[dict]) -> Path:
     """A tar shard; each sample is a dict of member name -> str/bytes/dict, with `__key__`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path), mtime=0.0) as sink:
+    with wds.TarWriter(str(path), mtime=0) as sink:
         for s in samples:
             sink.write(s)
     return path
@@ -52,6 +52,12 @@ def text_shards(folder: Path, name: str, n_shards: int, docs_per_shard: int, wor
 
 def collect(errors: list):
     return lambda kind, message: errors.append((kind, message))
+
+
+def read_errors(path) -> list:
+    errors: list = []
+    list(read_shard(str(path), collect(errors)))
+    return errors
 
 
 # -- shard lists --------------------------------------------------------------------------------
@@ -135,6 +141,19 @@ def test_truncated_garbage_missing_and_failing_pipe_are_reported(tmp_path):
     assert 0 < len(part) < 40
     assert [s["__key__"] for s in part] == [s["__key__"] for s in whole[: len(part)]]
     assert len(errors) == 1 and errors[0][0] == "shard" and "truncated.tar" in errors[0][1]
+
+    # cut where tarfile alone would see a complete archive: at a member boundary, inside a header, inside the
+    # end-of-archive blocks; a cut inside a member's data breaks the stream itself
+    member = 1024  # each of these small documents: a 512-byte header and one data block
+    for cut, whole_samples in ((20 * member, 20), (20 * member + 100, 20), (40 * member + 512, 40),
+                               (20 * member + 600, 19)):
+        errors.clear()
+        cut_file = tmp_path / f"cut{cut}.tar"
+        cut_file.write_bytes(data[:cut])
+        part = list(read_shard(str(cut_file), collect(errors)))
+        assert [s["txt"] for s in part] == [s["txt"] for s in whole[:whole_samples]], cut
+        assert len(errors) == 1 and errors[0][0] == "shard" and f"cut{cut}.tar" in errors[0][1], (cut, errors)
+    assert "truncated tar stream" in read_errors(tmp_path / f"cut{20 * member}.tar")[0][1]
 
     for url in (str(garbage), str(tmp_path / "nope.tar"), f"pipe:cat {tmp_path}/nope.tar"):
         errors.clear()

@@ -33,7 +33,7 @@ def write_shards(root, n_shards: int, per_shard: int, member, prefix: str = "x")
     """Source `prefix`: shards `{prefix}-00000s.tar` of samples keyed `{prefix}{s}i{i}`; `member(s, i)` gives the
     sample's other members."""
     for s in range(n_shards):
-        with wds.TarWriter(str(root / f"{prefix}-{s:06d}.tar"), mtime=0.0) as sink:
+        with wds.TarWriter(str(root / f"{prefix}-{s:06d}.tar"), mtime=0) as sink:
             for i in range(per_shard):
                 sink.write({"__key__": f"{prefix}{s}i{i}", **member(s, i)})
     return DataConfig(root=str(root), sources=[{"name": prefix, "shards": f"{prefix}-*.tar"}], shuffle_buffer=4)

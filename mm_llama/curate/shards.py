@@ -20,6 +20,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..config import ConfigError
+from ..data.shards import TAR_MTIME
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _GLOB = re.compile(r"[*?\[]")
@@ -85,7 +86,7 @@ class ShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._writer = wds.TarWriter(str(self._tmp))
+        self._writer = wds.TarWriter(str(self._tmp), mtime=TAR_MTIME)
         self.count = 0
 
     def write(self, sample: Sample) -> None:

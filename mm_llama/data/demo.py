@@ -25,6 +25,8 @@ from pathlib import Path
 
 import webdataset as wds
 
+from .shards import TAR_MTIME
+
 TEXT_TRAIN_SHARDS = 8  # enough for 2 ranks x 2 workers to each own shards
 VAL_PERCENT = 5
 TOKENIZER_RANKS = 4096
@@ -114,7 +116,7 @@ def is_heldout(doc: Document) -> bool:
 
 
 def _write_shard(path: Path, docs: list[Document]) -> None:
-    with wds.TarWriter(str(path), mtime=0.0) as sink:  # fixed mtime: identical bytes on every run
+    with wds.TarWriter(str(path), mtime=TAR_MTIME) as sink:  # fixed mtime: identical bytes on every run
         for d in docs:
             sink.write({"__key__": d.key, "txt": d.text, "json": d.meta})
 
@@ -189,7 +191,7 @@ def _write_world(folder: Path) -> tuple[list[Path], dict[str, int]]:
             files.append(folder / f"world-{split}-{i:06d}.tar")
             _write_shard(files[-1], docs[i::n])
             files.append(folder / f"chat-{split}-{i:06d}.tar")
-            with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+            with wds.TarWriter(str(files[-1]), mtime=TAR_MTIME) as sink:
                 for sample in dialogs[i::n]:
                     sink.write(sample)
     counts = {f"world_{k}_documents": v for k, v in WORLD_DOCUMENTS.items()}

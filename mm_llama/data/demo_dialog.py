@@ -39,6 +39,7 @@ import random
 from pathlib import Path
 
 import webdataset as wds
+from .shards import TAR_MTIME
 
 SFT_TRAIN, SFT_VAL = 3000, 200
 PREF_TRAIN, PREF_VAL = 3000, 300
@@ -276,7 +277,7 @@ def _write(path: Path, prefix: str, records: list[dict]) -> Path:
 
 
 def _write_samples(path: Path, samples: list[dict]) -> Path:
-    with wds.TarWriter(str(path), mtime=0.0) as sink:
+    with wds.TarWriter(str(path), mtime=TAR_MTIME) as sink:
         for sample in samples:
             sink.write(sample)
     return path

@@ -32,6 +32,7 @@ import torch
 import webdataset as wds
 
 from encoders.speech.features import resample
+from .shards import TAR_MTIME
 
 ASSETS = Path(__file__).parent / "demo_assets" / "speech" / "clips.tar"
 SAMPLE_RATE = 16_000
@@ -249,7 +250,7 @@ def write_speech(out: Path, source: str = "auto") -> "DemoPart":
         n_shards = SHARDS_PER_TRAIN_SPLIT if name.endswith("-train") else 1
         for s in range(n_shards):
             files.append(folder / f"{name}-{s:06d}.tar")
-            with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+            with wds.TarWriter(str(files[-1]), mtime=TAR_MTIME) as sink:
                 for clip, meta in items[s::n_shards]:
                     sink.write({"__key__": clip.key, "flac": audio[clip.key],
                                 "json": meta | {"sample_rate": SAMPLE_RATE}})

@@ -26,6 +26,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from .text_stream import derive_seed
+from .shards import TAR_MTIME
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -180,7 +181,7 @@ def write_documents(folder: Path, train: list[Scene], n_documents: int, shards: 
     files = []
     for shard in range(shards):
         files.append(folder / f"documents-{shard:06d}.tar")
-        with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+        with wds.TarWriter(str(files[-1]), mtime=TAR_MTIME) as sink:
             for d in range(shard, n_documents, shards):
                 rng = random.Random(derive_seed("demo-document", d))
                 sink.write(document_of(f"doc{d:07d}", rng.sample(train, rng.randint(2, 3))))
@@ -215,11 +216,11 @@ def write_split(folder: Path, train: list, val: list, train_shards: int, sample_
     files = []
     for shard in range(train_shards):
         files.append(folder / f"train-{shard:06d}.tar")
-        with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:  # fixed mtime: identical bytes on every run
+        with wds.TarWriter(str(files[-1]), mtime=TAR_MTIME) as sink:  # fixed mtime: identical bytes on every run
             for i in range(shard, len(train), train_shards):
                 sink.write(sample_of(f"train{i:07d}", train[i]))
     files.append(folder / "val-000000.tar")
-    with wds.TarWriter(str(files[-1]), mtime=0.0) as sink:
+    with wds.TarWriter(str(files[-1]), mtime=TAR_MTIME) as sink:
         for i, item in enumerate(val):
             sink.write(sample_of(f"val{i:07d}", item))
     return files

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
+from .shards import TAR_MTIME
 
 TEXT_SUFFIXES = {".txt", ".md"}
 JSONL_SUFFIXES = {".jsonl"}
@@ -141,7 +142,7 @@ def pack_text(
                 if writer is None:
                     writer = wds.ShardWriter(
                         str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
-                        post=lambda name: report.shards.append(Path(name)),
+                        post=lambda name: report.shards.append(Path(name)), mtime=TAR_MTIME,
                     )
                 writer.write({"__key__": f"{report.documents:012d}", "txt": text, "json": meta})
                 report.documents += 1

@@ -32,6 +32,7 @@ from .image_text import MAX_PIXELS
 from .pack import MediaPackReport
 from .pack_vision import _qa_problem, checked_image, pack_records
 from .video import sample_frames
+from .shards import TAR_MTIME
 
 FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi"}
@@ -153,7 +154,7 @@ def pack_video(video_dir: str | Path, out: str | Path, captions: str | Path | No
                 meta["qa"] = qa
             if writer is None:
                 writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
-                                         post=lambda name: report.shards.append(Path(name)))
+                                         post=lambda name: report.shards.append(Path(name)), mtime=TAR_MTIME)
             sample = {"__key__": f"{report.videos:012d}", "json": meta}
             sample.update({f"{i:03d}.{ext}": data for i, (ext, data) in enumerate(frames)})
             if "caption" in meta:

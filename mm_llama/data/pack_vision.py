@@ -31,6 +31,7 @@ from PIL import Image
 
 from .image_text import MAX_PIXELS, ImageError, decode_image, sniff_format
 from .pack import META_FIELDS, MediaPackReport, jsonl_records
+from .shards import TAR_MTIME
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 _MEMBER = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -150,7 +151,7 @@ def pack_image(image_dir: str | Path, out: str | Path, captions: str | Path | No
                 meta["qa"] = qa
             if writer is None:
                 writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
-                                         post=lambda name: report.shards.append(Path(name)))
+                                         post=lambda name: report.shards.append(Path(name)), mtime=TAR_MTIME)
             sample = {"__key__": f"{report.images:012d}", member: data, "json": meta}
             if "caption" in meta:
                 sample["txt"] = meta["caption"]
@@ -278,7 +279,7 @@ document's leading and trailing whitespace; whitespace-only text between images 
                 continue
             if writer is None:
                 writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
-                                         post=lambda name: report.shards.append(Path(name)))
+                                         post=lambda name: report.shards.append(Path(name)), mtime=TAR_MTIME)
             writer.write({"__key__": f"{report.documents:012d}", "json": {"content": content, **meta}, **members})
             report.documents += 1
             report.images += len(members)

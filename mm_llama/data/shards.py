@@ -45,6 +45,10 @@ from .config import DataConfig, SourceConfig
 
 log = logging.getLogger("mm_llama.data")
 
+# Member mtime of every shard this project writes: an int, fixed, so shards are byte-identical across runs and
+# tarfile writes no PAX header per member (a float mtime such as time.time() makes it add one, doubling the
+# headers every reader then parses).
+TAR_MTIME = 0
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 _GLOB = re.compile(r"[*?\[]")
 
@@ -110,6 +114,35 @@ def check_sources(cfg: DataConfig) -> None:
         raise ConfigError(f"data (root {cfg.root}): missing shards: " + "; ".join(problems))
 
 
+class _TailKeeper:
+    """A read-through stream that keeps its first bytes and its last 1 KiB.
+
+    A tar archive ends with two 512-byte zero blocks, but tarfile's stream reader ends quietly, as if the archive
+    were complete, when the bytes stop at a member boundary or inside a header: `read_shard` checks the tail.
+    """
+
+    COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd: their own checks
+
+    def __init__(self, stream):
+        self.stream, self.head, self.tail = stream, b"", b""
+
+    def __repr__(self) -> str:  # webdataset names the stream in its errors
+        return repr(self.stream)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if len(self.head) < 8:
+            self.head = (self.head + data)[:8]
+        self.tail = data[-1024:] if len(data) >= 1024 else (self.tail + data)[-1024:]
+        return data
+
+    def ended_cleanly(self) -> bool:
+        """Whether the whole stream (read to its end here) closes with the end-of-archive zero blocks."""
+        while self.read(1 << 16):
+            pass
+        return self.head.startswith(self.COMPRESSED) or self.tail == bytes(1024)
+
+
 def _with_url(files: Iterator[dict], url: str) -> Iterator[dict]:
     for f in files:
         f["__url__"] = url
@@ -120,7 +153,8 @@ def read_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict]
     """Samples `{"__key__", "<ext>": bytes, ...}` of one shard, in file order.
 
     A shard that cannot be opened, or whose tar stream breaks (truncated, garbage bytes, a failing
-    pipe), ends here after the samples read so far and is reported as `on_error("shard", message)`;
+    pipe), ends here after the samples read so far and is reported as `on_error("shard", message)`; so is a
+    stream that stops without the end-of-archive blocks, which tarfile itself takes for a complete archive;
     a repeated member inside one sample is reported as `on_error("sample", message)`.
     """
     try:
@@ -133,10 +167,13 @@ def read_shard(url: str, on_error: Callable[[str, str], None]) -> Iterator[dict]
         on_error("sample", f"{url}: {exn.args[0] if exn.args else exn}")
         return True
 
-    finished = False
+    finished, kept = False, _TailKeeper(stream)
     try:
-        yield from group_by_keys(_with_url(tar_file_iterator(stream), url), handler=duplicate)
+        yield from group_by_keys(_with_url(tar_file_iterator(kept), url), handler=duplicate)
         finished = True
+        if not kept.ended_cleanly():
+            on_error("shard", f"{url}: truncated tar stream: it stops at a member boundary without the "
+                              "end-of-archive blocks (the whole samples before the cut were read)")
     except Exception as e:  # tarfile.ReadError, EOFError, zlib/gzip errors, a pipe's IOError
         on_error("shard", f"{url}: unreadable tar stream: {type(e).__name__}: {e}")
     finally:

@@ -39,6 +39,7 @@ import webdataset as wds
 from encoders.speech.args import FrontEndArgs
 from encoders.speech.features import AudioError, audio_info, decode_audio, min_samples, resample
 from .pack import MediaPackReport, jsonl_records
+from .shards import TAR_MTIME
 
 log = logging.getLogger("mm_llama.data")
 
@@ -312,7 +313,7 @@ def pack_speech(
             meta |= {"duration": round(n / rate, 3), "sample_rate": rate, "source": record["audio"]}
             if writer is None:
                 writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0,
-                                         post=lambda name: report.shards.append(Path(name)))
+                                         post=lambda name: report.shards.append(Path(name)), mtime=TAR_MTIME)
             writer.write({"__key__": f"{report.utterances:012d}", member: data, "json": meta})
             report.utterances += 1
             report.seconds += n / rate

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.accounting import Counters
-from ..data.shards import expand_shards, read_shard
+from ..data.shards import TAR_MTIME, expand_shards, read_shard
 from ..data.text_stream import SkipSample, derive_seed, sample_text
 from ..infer.decoder import Decoder, padded_attention_mask
 from ..infer.sampling import sample_next
@@ -173,7 +173,7 @@ def _write_shard(path: Path, records: list[tuple[str, dict]]) -> None:
     import webdataset as wds
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+    with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
         for key, record in records:
             sink.write({"__key__": key, "json": record})
     os.replace(tmp, path)
