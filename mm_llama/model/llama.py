@@ -154,7 +154,16 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """tokens `[batch, seq]` → logits `[batch, seq, vocab]`, or `[n, vocab]` at the `n` positions where
+        `logits_at` (bool `[batch, seq]`) is true."""
         (cos, sin), mask = self.prepare(tokens, doc_ids, positions, start_pos)
         h = self.forward_hidden(self.tok_embeddings(tokens), cos, sin, mask, caches, start_pos)
-        return self.output(h).float()
+        return self.logits(h, logits_at)
+
+    def logits(self, h: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """The output layer on normed hidden states `[batch, seq, dim]`, at every position or only where `at` is
+        true (`[n, vocab]`): a loss on a few positions (answers, responses) skips the rest of the vocabulary
+        projection, which is most of a small model's work."""
+        return self.output(h if at is None else h[at]).float()

@@ -150,8 +150,10 @@ class MultimodalModel(nn.Module):
         positions: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens `[batch, seq]` → logits `[batch, seq, vocab]`.
+        """tokens `[batch, seq]` → logits `[batch, seq, vocab]` (`[n, vocab]` where `logits_at` `[batch, seq]`,
+        bool, selects `n` positions).
 
         Pass `images` + `aspect_ratios`, or an `image_context` from `encode_images` (reused across decode
         steps). `vision_mask` `[batch, seq, n_images, max_tiles]` defaults to the one `tokens` implies,
@@ -205,4 +207,4 @@ class MultimodalModel(nn.Module):
             if block is not None and image_context is not None:
                 h = block(h, image_context.kv[str(i)], bias, rows)
             h = layer(h, cos, sin, mask, caches[i] if caches is not None else None, start_pos)
-        return self.lm.output(self.lm.norm(h)).float()
+        return self.lm.logits(self.lm.norm(h), logits_at)

@@ -57,8 +57,9 @@ class SpeechLM(nn.Module):
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
         doc_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens `[batch, seq]` → logits `[batch, seq, vocab]`.
+        """tokens `[batch, seq]` → logits `[batch, seq, vocab]` (`[n, vocab]` at the positions `logits_at` selects).
 
         The audio of the `<|speech|>` spans, in reading order (row by row, left to right): `speech_feats`
         `[n_clips, frames, n_mels]` with `speech_lengths` `[n_clips]`, or `speech = encode_speech(...)`
@@ -71,4 +72,4 @@ class SpeechLM(nn.Module):
             speech = self.encode_speech(speech_feats, speech_lengths)
         h = self.embed(tokens, speech)
         (cos, sin), mask = self.lm.prepare(tokens, doc_ids, positions, start_pos)
-        return self.lm.output(self.lm.forward_hidden(h, cos, sin, mask, caches, start_pos)).float()
+        return self.lm.logits(self.lm.forward_hidden(h, cos, sin, mask, caches, start_pos), logits_at)

@@ -15,6 +15,13 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+def labelled_loss_sum(model, tokens: torch.Tensor, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    """`lm_loss_sum` of `model(tokens, **inputs)` with logits computed only where `labels` `[batch, seq]` has a label
+    (the model's `logits_at`): SFT, answers and transcripts label a fraction of the positions."""
+    at = labels != IGNORE
+    return F.cross_entropy(model(tokens, logits_at=at, **inputs).float(), labels[at], reduction="sum")
+
+
 def caption_contrastive_loss(media: torch.Tensor, text: torch.Tensor, same: torch.Tensor, temperature: float
                              ) -> torch.Tensor:
     """Symmetric InfoNCE between media and caption vectors `[n, dim]` (cosine similarity / temperature).

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...config import ConfigError
 from ...data.dialog import IGNORE, EncodedRanking, PreferenceLoader, collate_media, heldout_records, sample_record
-from ...data.shards import read_shard, source_shards
+from ...data.shards import TAR_MTIME, read_shard, source_shards
 from ...data.accounting import Counters
 from ...data.text_stream import SkipSample
 from ...post.ema import EMAReference
@@ -143,6 +143,16 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     keep = labels != IGNORE
     logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     return (logp * keep).sum(-1), keep.sum(-1)
+
+
+def labelled_logps(model, tokens: torch.Tensor, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps(model(tokens, **inputs), labels)` with logits computed only at the labelled (response)
+    positions, through the model's `logits_at`."""
+    keep = labels != IGNORE
+    logits = model(tokens, logits_at=keep, **inputs).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None]).squeeze(-1)
+    rows = torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device)
+    return rows.index_add(0, keep.nonzero()[:, 0], logp), keep.sum(-1)
 
 
 def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor, better: torch.Tensor,
@@ -280,7 +290,7 @@ class DPO(PostTask):
     def terms(self, model, batch, device, reference_model=None) -> dict[str, torch.Tensor]:
         """DPO terms per pair; the reference is `reference_model`, the stored log-probs, or the starting model."""
         tokens, labels, media = batch.tokens.to(device), batch.labels.to(device), batch.media_inputs(device)
-        policy, counts = sequence_logps(model(tokens, **media), labels)
+        policy, counts = labelled_logps(model, tokens, labels, **media)
         if reference_model is None and self.opts.reference == "stored":
             if batch.reference is None:
                 raise ValueError("train.options.reference is 'stored' but a record has no 'reference_logps' "
@@ -288,8 +298,7 @@ class DPO(PostTask):
             reference = batch.reference.to(device=device, dtype=policy.dtype)
         else:
             with torch.no_grad():
-                reference, _ = sequence_logps((reference_model or self.reference_model(device))(tokens, **media),
-                                              labels)
+                reference, _ = labelled_logps(reference_model or self.reference_model(device), tokens, labels, **media)
         nll_rows = batch.best.to(device) if self.opts.nll_on == "best" else None
         return dpo_terms(policy, reference, counts, batch.better.to(device), batch.worse.to(device),
                          self.opts.beta, self.opts.nll_weight, nll_rows)
@@ -349,7 +358,7 @@ def store_reference_logps(task: DPO, out_dir: str | Path, device: str = "cpu") -
         for i, url in enumerate(source_shards(source, task.cfg.data.root)):
             path = Path(out_dir) / source.name / f"{i:06d}.tar"
             path.parent.mkdir(parents=True, exist_ok=True)
-            with wds.TarWriter(str(path), mtime=0.0) as sink:
+            with wds.TarWriter(str(path), mtime=TAR_MTIME) as sink:
                 for sample in read_shard(url, counters.skip):
                     members = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
                     try:
@@ -360,8 +369,8 @@ def store_reference_logps(task: DPO, out_dir: str | Path, device: str = "cpu") -
                         continue
                     batch = collate_pairs([example], task.chat.tokenizer.pad_id, task.max_tiles,
                                           task.frames_per_group)
-                    logps, _ = sequence_logps(model(batch.tokens.to(device), **batch.media_inputs(device)),
-                                              batch.labels.to(device))
+                    logps, _ = labelled_logps(model, batch.tokens.to(device), batch.labels.to(device),
+                                              **batch.media_inputs(device))
                     members["json"] = {**json.loads(record.text), "reference_logps": logps.tolist()}
                     sink.write(members)
             written.append(path)

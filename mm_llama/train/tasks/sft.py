@@ -27,7 +27,7 @@ from adapters.video import video_mask
 
 from ...config import ConfigError
 from ...data.dialog import IGNORE, SFTBatch, SFTLoader, sft_heldout
-from ..losses import lm_loss_sum
+from ..losses import labelled_loss_sum
 from .base import register
 from .post_base import PostOptions, PostTask, lm_blocks, lm_from_state
 
@@ -114,8 +114,8 @@ class SFT(PostTask):
 
     def loss(self, model, batch: SFTBatch, device) -> torch.Tensor:
         media = self.media_inputs(model, batch, device)
-        logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device), **media)
-        return lm_loss_sum(logits, batch.labels.to(device))
+        return labelled_loss_sum(model, batch.tokens.to(device), batch.labels.to(device),
+                                 doc_ids=batch.doc_ids.to(device), **media)
 
     def heldout(self, seq_len, batch_size) -> list:
         if not self.cfg.data.heldout or not self.cfg.train.eval_batches:

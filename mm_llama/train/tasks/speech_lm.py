@@ -30,7 +30,7 @@ from ...config import ConfigError, ModelConfig, load_config
 from ...data.speech_loader import SpeechLoader, collate, heldout_speech
 from ...model import KVCache, Transformer
 from ...model.speech_lm import SpeechLM
-from ..losses import IGNORE, lm_loss_sum
+from ..losses import IGNORE, labelled_loss_sum, lm_loss_sum
 from .base import Task, register
 from .bestrq import speech_config
 from .text_lm import load_init
@@ -177,9 +177,8 @@ class SpeechLMTask(Task):
         return int((batch.labels != IGNORE).sum())
 
     def loss(self, model, batch, device) -> torch.Tensor:
-        logits = model(batch.tokens.to(device), speech_feats=batch.feats.to(device),
-                       speech_lengths=batch.feat_lengths.to(device))
-        return lm_loss_sum(logits, batch.labels.to(device))
+        return labelled_loss_sum(model, batch.tokens.to(device), batch.labels.to(device),
+                                 speech_feats=batch.feats.to(device), speech_lengths=batch.feat_lengths.to(device))
 
     def batch_tokens(self, batch) -> int:
         return batch.tokens.numel()

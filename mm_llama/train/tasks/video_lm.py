@@ -34,7 +34,7 @@ from ...config import ConfigError
 from ...data.demo_video import ANSWERS
 from ...data.video import Clip, VideoLoader, collate_videos, heldout_video_examples
 from ...model.multimodal import MultimodalModel
-from ..losses import IGNORE, caption_contrastive_loss, lm_loss_sum
+from ..losses import IGNORE, caption_contrastive_loss, labelled_loss_sum
 from .base import register
 from .vision_lm import (ChatExample, ChatExamples, MediaChatTask, VisionLMOptions, answer_accuracy, load_composed,
                         pad_chat)
@@ -148,7 +148,7 @@ class VideoLM(MediaChatTask):
         media = batch.media_inputs(device)
         context = model.encode_videos(media["videos"], media["video_aspect_ratios"], media["frame_mask"])
         labels = batch.labels.to(device)
-        loss = lm_loss_sum(model(batch.tokens.to(device), video_context=context), labels)
+        loss = labelled_loss_sum(model, batch.tokens.to(device), labels, video_context=context)
         contrastive = self.caption_contrastive(model, context, batch.captions, device)
         # The engine divides the step's summed loss by its labelled-token count; weight the term per token.
         return loss + self.opts.caption_contrastive * contrastive * (labels != IGNORE).sum()

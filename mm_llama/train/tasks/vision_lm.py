@@ -47,7 +47,7 @@ from ...data.image_text import (Document, DocumentSources, ImageLoader, Tiled, c
 from ...data.text_stream import SkipSample
 from ...model.multimodal import MultimodalModel
 from ...text import ChatFormat
-from ..losses import IGNORE, lm_loss_sum
+from ..losses import IGNORE, labelled_loss_sum, lm_loss_sum
 from .base import Task, register
 from .text_lm import load_init
 
@@ -344,8 +344,7 @@ class MediaChatTask(Task):
         return int((batch.labels != IGNORE).sum())
 
     def loss(self, model, batch, device) -> torch.Tensor:
-        logits = model(batch.tokens.to(device), **batch.media_inputs(device))
-        return lm_loss_sum(logits, batch.labels.to(device))
+        return labelled_loss_sum(model, batch.tokens.to(device), batch.labels.to(device), **batch.media_inputs(device))
 
     def batch_tokens(self, batch) -> int:
         return batch.tokens.numel()
