@@ -124,6 +124,17 @@ def show_dialog(out: Path) -> None:
           + (f", truth {record['answer']!r}" if "answer" in record else ""))
 
 
+def print_table(metrics: dict[str, float], title: str) -> None:
+    from .pipeline.report import REFERENCE_SUFFIXES
+
+    print(f"\n== evaluation of {title}")
+    print(f"{'metric':<58}{'model':>10}{'baseline':>10}{'untrained':>10}")
+    for key, value in metrics.items():
+        if not key.endswith(REFERENCE_SUFFIXES):
+            refs = [metrics.get(f"{key}{suffix}") for suffix in REFERENCE_SUFFIXES]
+            print(f"{key:<58}{value:>10.3f}" + "".join(f"{'-' if r is None else f'{r:.3f}':>10}" for r in refs))
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0]) if argv else Path("runs/demo")
     start = time.time()
@@ -134,12 +145,8 @@ def main(argv: list[str]) -> int:
     if cli(["pipeline", PIPELINE, "--out", str(out)]) != 0:
         return 1
     metrics = json.loads((out / "eval.json").read_text())
-    print("\n== evaluation of the final models (held-out demo data; baseline = blind or untrained)")
-    print(f"{'metric':<58}{'model':>10}{'baseline':>10}")
-    for key, value in metrics.items():
-        if not key.endswith("_baseline"):
-            base = metrics.get(f"{key}_baseline")
-            print(f"{key:<58}{value:>10.3f}{'' if base is None else f'{base:>10.3f}'}")
+    print_table(metrics, "the final models (held-out demo data; baseline = blind, untrained = the stage's "
+                         "starting weights)")
     print("\n== a short conversation with the final models")
     for show in (show_text, show_image, show_video, show_speech, show_dialog):
         try:

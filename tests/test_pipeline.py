@@ -46,6 +46,18 @@ def test_stage_metrics_are_flat_with_baselines():
                    "vision_adapter.image_qa_accuracy_colour_baseline": 0.3}
     got = stage_metrics("speech_adapter", {"asr_wer": 0.2, "asr_wer_baseline": 0.65})
     assert got == {"speech_adapter.asr_wer": 0.2, "speech_adapter.asr_wer_baseline": 0.65}
+    # the starting weights' values (train.eval_untrained) under the same flat names
+    got = stage_metrics("vision_adapter", {"val_acc_colour": 0.9, "val_majority_colour": 0.3, "untrained_val_acc_colour": 0.0,
+                                           "untrained_val_majority_colour": 0.3, "untrained_val_loss": 3.0,
+                                           "val_loss": 1.5})
+    assert got == {"vision_adapter.image_qa_accuracy_colour": 0.9, "vision_adapter.image_qa_accuracy_colour_baseline": 0.3,
+                   "vision_adapter.image_qa_accuracy_colour_untrained": 0.0, "vision_adapter.val_loss": 1.5,
+                   "vision_adapter.val_loss_untrained": 3.0}
+    # preference accuracies: a coin is right half the time; BEST-RQ's val_accuracy is not a preference
+    got = stage_metrics("reward_model", {"val_accuracy": 0.8, "val_loss": 0.4}, objective="reward_model")
+    assert got["reward_model.val_accuracy_baseline"] == 0.5 and "reward_model.val_loss_baseline" not in got
+    assert stage_metrics("dpo", {"val_reward_accuracy": 0.7}, objective="dpo")["dpo.val_reward_accuracy_baseline"] == 0.5
+    assert "x.val_accuracy_baseline" not in stage_metrics("x", {"val_accuracy": 0.2}, objective="bestrq")
 
 
 def test_stage_times_add_up_and_reach_the_summary(tmp_path):

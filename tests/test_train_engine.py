@@ -1,6 +1,7 @@
 """The training engine on tiny text stages: schedules, accumulation, freezing, NaN, Polyak, bad configs."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -42,6 +43,22 @@ def test_run_directory_contents(demo_data, tmp_path):
     assert (run_dir / "final" / "model.safetensors").exists()
     # a finished stage is not run again
     assert train_stage(cfg) == run_dir and len(rows(run_dir)) == 6
+
+
+def test_untrained_evaluation_is_recorded_and_leaves_training_unchanged(demo_data, tmp_path):
+    plain = train_stage(stage(demo_data, tmp_path / "plain", "train.steps=4"))
+    with_base = train_stage(stage(demo_data, tmp_path / "base", "train.steps=4", "train.eval_untrained=true"))
+    assert [r["loss"] for r in rows(plain)] == [r["loss"] for r in rows(with_base)]
+    summary = json.loads((with_base / "final" / "summary.json").read_text())
+    assert "untrained_val_loss" not in json.loads((plain / "final" / "summary.json").read_text())
+    # a random init predicts about uniformly over the vocabulary; four steps already do better
+    assert summary["untrained_val_loss"] == pytest.approx(math.log(4352), abs=0.5)
+    assert summary["val_loss"] < summary["untrained_val_loss"]
+    # a resumed run keeps the first evaluation
+    shutil.rmtree(with_base / "final")
+    summary_again = json.loads((train_stage(stage(demo_data, tmp_path / "base", "train.steps=4",
+                                                  "train.eval_untrained=true")) / "final" / "summary.json").read_text())
+    assert summary_again["untrained_val_loss"] == summary["untrained_val_loss"]
 
 
 def test_gradient_accumulation_equals_one_large_batch(demo_data, tmp_path):

@@ -57,6 +57,8 @@ class TrainConfig(Strict):
     max_nonfinite_skips: int = Field(0, ge=0, description="steps with NaN/inf loss that may be skipped before stopping")
     eval_every: int = Field(0, ge=0, description="held-out loss every N steps (0: only at the end)")
     eval_batches: int = Field(4, ge=0)
+    eval_untrained: bool = Field(False, description="also evaluate the starting weights before step 1: the final "
+                                 "summary's `untrained_<metric>`, the baseline this stage's training must beat")
     polyak_last: int = Field(0, ge=0, description="average the last K checkpoints into the final model (annealing)")
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
-"""A pipeline's closing report: `eval.json` (flat metrics of the final models, each with its baseline where
-one exists) and `summary.md` (a table per stage and the training curves)."""
+"""A pipeline's closing report: `eval.json` (flat metrics of the final models, each with its blind baseline
+where one exists and the stage's starting weights' value where the stage measured it) and `summary.md` (a
+table per stage and the training curves)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,10 @@ ALIASES = [
     (re.compile(r"val_retrieval_(i2t|t2i)"), r"retrieval_\1", "val_retrieval_chance"),
 ]
 SKIP = re.compile(r"val_(video_)?(majority|chance)_\w+|val_retrieval_chance|steps")
+# objective -> its preference accuracies: a pair ranked blind (a coin) is right half the time
+PREFERENCE_ACCURACIES = {"reward_model": ("val_accuracy", "val_accuracy_chosen_rejected"), "dpo": ("val_reward_accuracy",)}
+UNTRAINED = "untrained_"
+REFERENCE_SUFFIXES = ("_baseline", "_untrained")
 
 
 def objective(run_dir: Path) -> str:
@@ -34,20 +39,23 @@ def evaluate_text_stage(run_dir: Path) -> dict[str, float]:
     return text_metrics(model, cfg.data, tokenizer, seq_len=min(256, cfg.model.lm.max_seq_len))
 
 
-def stage_metrics(stage: str, summary: dict) -> dict[str, float]:
-    """A stage's final metrics under flat names `<stage>.<metric>`, baselines as `<metric>_baseline`."""
+def stage_metrics(stage: str, summary: dict, objective: str = "") -> dict[str, float]:
+    """A stage's final metrics under flat names `<stage>.<metric>`, blind baselines as `<metric>_baseline`, the
+    starting weights' values (`untrained_<metric>` in the summary) as `<metric>_untrained`."""
     out = {}
     for key, value in summary.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or SKIP.fullmatch(key):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or key.startswith(UNTRAINED) \
+                or SKIP.fullmatch(key):
             continue
-        name = key
+        name, base = key, 0.5 if key in PREFERENCE_ACCURACIES.get(objective, ()) else None
         for pattern, alias, baseline in ALIASES:
             if pattern.fullmatch(key):
-                name = pattern.sub(alias, key)
-                base = summary.get(pattern.sub(baseline, key))
-                if base is not None:
-                    out[f"{stage}.{name}_baseline"] = base
+                name, base = pattern.sub(alias, key), summary.get(pattern.sub(baseline, key))
+        if base is not None:
+            out[f"{stage}.{name}_baseline"] = base
         out[f"{stage}.{name}"] = value
+        if summary.get(f"{UNTRAINED}{key}") is not None and not key.endswith("_baseline"):
+            out[f"{stage}.{name}_untrained"] = summary[f"{UNTRAINED}{key}"]
     return out
 
 
@@ -60,18 +68,20 @@ def collect(out: Path, order: list[str]) -> dict[str, float]:
     for stage in order:
         summary = out / stage / "final" / "summary.json"
         if summary.exists():
-            metrics.update(stage_metrics(stage, json.loads(summary.read_text())))
+            metrics.update(stage_metrics(stage, json.loads(summary.read_text()), objective(out / stage)))
     return metrics
 
 
 def write_report(out: Path, name: str, order: list[str], metrics: dict[str, float]) -> None:
     (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     lines = [f"# Pipeline `{name}`", "", "Every number below was measured by this run.", "",
-             "| metric | value | baseline |", "|---|---|---|"]
+             "Baseline: blind (unigram text model, majority answer, chance, best constant transcript); untrained: the "
+             "stage's starting weights, evaluated before its first step.", "",
+             "| metric | value | baseline | untrained |", "|---|---|---|---|"]
     for key, value in metrics.items():
-        if not key.endswith("_baseline"):
-            base = metrics.get(f"{key}_baseline")
-            lines.append(f"| {key} | {value:.4f} | {'-' if base is None else f'{base:.4f}'} |")
+        if not key.endswith(REFERENCE_SUFFIXES):
+            refs = [metrics.get(f"{key}{suffix}") for suffix in REFERENCE_SUFFIXES]
+            lines.append(f"| {key} | {value:.4f} | " + " | ".join('-' if r is None else f'{r:.4f}' for r in refs) + " |")
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     if timings:
         lines += ["", "## Time per stage", "", "| stage | wall s | CPU s (incl. loader workers) |", "|---|---|---|"]

@@ -248,6 +248,8 @@ def _train_stage(cfg: StageConfig) -> Path:
 
     loader, batches = make_loader(seq_len, state["data"])
     heldout = task.heldout(seq_len, cfg.train.micro_batch)
+    if heldout and cfg.train.eval_untrained and step == 0:
+        _evaluate_untrained(run_dir, par, heldout, autocast, device, main)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if main else None
     progress = Progress(cfg.train.steps, step, cfg.run.log_every, cfg.name) if main else None
     nonfinite = state["nonfinite_skips"]
@@ -325,6 +327,22 @@ def _metrics(result) -> dict[str, float]:
 
 
 
+def _evaluate_untrained(run_dir: Path, par, heldout, autocast, device: torch.device, main: bool) -> None:
+    """Held-out metrics of the weights the stage starts from, kept in `untrained.json` for the final summary."""
+    # forked: evaluating must not move the random stream the training then draws from
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        result = _metrics(par.evaluate(heldout, autocast))
+    if main:
+        tmp = run_dir / "untrained.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(run_dir / "untrained.json")
+
+
+def _untrained_metrics(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "untrained.json"
+    return {f"untrained_{k}": v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
 def _write_final(cfg: StageConfig, task: Task, run_dir: Path, model, heldout, par, autocast) -> None:
     """The stage's output model in `final/`: the last checkpoint, or the Polyak average of the last K."""
     checkpoints = ckpt.list_checkpoints(run_dir / "checkpoints")
@@ -335,6 +353,7 @@ def _write_final(cfg: StageConfig, task: Task, run_dir: Path, model, heldout, pa
         summary["polyak_averaged"] = [p.name for p in chosen]
     if heldout:
         summary.update(_metrics(par.evaluate(heldout, autocast)))
+        summary.update(_untrained_metrics(run_dir))
     with atomic_folder(run_dir / "final") as tmp:
         ckpt.write_model(model, task.model_config(), tmp)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -360,6 +379,7 @@ def _write_final_distributed(cfg: StageConfig, task: Task, run_dir: Path, par, h
         weights = None
     if heldout:
         summary.update(_metrics(par.evaluate(heldout, autocast)))
+        summary.update(_untrained_metrics(run_dir))
     if par.rank == 0:
         if weights is None:
             weights = dcp_checkpoint.read_tensors(checkpoints[-1], specs)
