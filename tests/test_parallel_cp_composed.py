@@ -220,8 +220,7 @@ def test_a_cp_rank_gets_the_whole_padded_sequence_and_its_own_labels():
     ("dpo", CP, "'dpo': parallel.cp .* 'vision_lm', 'video_lm', 'speech_lm', 'sft' objectives only"),
     ("video_lm", f"{CP} train.options.caption_contrastive=0.5", "'video_lm': parallel.cp > 1 with "
      "train.options.caption_contrastive > 0 is not supported"),
-    ("speech_lm", PP, "'speech_lm': parallel.pp .* 'lm', 'vision_lm' objectives only"),
-    ("video_lm", PP, "'video_lm': parallel.pp .* objectives only"),
+    ("dpo", PP, "'dpo': parallel.pp .* 'lm', 'vision_lm', 'video_lm', 'speech_lm', 'sft' objectives only"),
 ])
 def test_layouts_a_task_cannot_use_are_refused_naming_the_objective(objective, layout, refused, root, lm_dir,
                                                                     tmp_path):

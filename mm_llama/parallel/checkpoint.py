@@ -72,8 +72,13 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     stepped = {key.removeprefix("optim.state.").rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
     optim_sd["state"] = {name: value for name, value in optim_sd["state"].items() if name in stepped}
+    names = [list(group["params"]) for group in optim_sd["param_groups"]]
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=folder)
+    # The saved names of each group's parameters are one rank's (a non-tensor value is written once), and a
+    # pipeline's ranks hold different parameters: keep this layout's names, with the saved hyperparameters.
+    for group, own in zip(state["optim"]["param_groups"], names):
+        group["params"] = own
     # Not strict for those parameters only: dcp.load above has already required every model tensor.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))

@@ -7,21 +7,16 @@ the embedding and the last one layer fewer beside the output. A stage keeps the 
 attribute names (`tok_embeddings`, `layers.{i}`, `norm`, `output`), so state-dict keys match the
 whole model's and a checkpoint loads at any other layout.
 
-The image–text model (`MultimodalStage`) is cut along its LM layers the same way; a gated
-cross-attention block travels with the LM layer it runs before. The image encoder and the `<|image|>`
-embedding row live on the first stage only, which sends the encoder's output (the image tokens, in
-the LM's width) down the pipeline beside the hidden state; each stage computes the K/V of its own
-cross-attention blocks from them. Why not the paper's choice (the encoder replicated on every stage,
-SPEC §4.1 "Load balancing")? With one owner every encoder weight has one gradient, one optimizer state
-and one checkpoint entry, as at every other layout, and the encoder runs once per micro-batch instead
-of once per stage; the price is the image tokens' traffic (at the paper's 2,308 image tokens against
-192 text tokens, about 13× the hidden state's) and the encoder's work on the first stage, which the
-layer split does not weigh. Every rank reads the batch, so the integer inputs every stage needs
-(tokens for the masks and positions, aspect ratios) are queued locally, as the document ids are.
+Only floating tensors travel between stages. Every rank of a pipeline reads the same batch, so what a
+stage needs beside its input (document ids, tokens for the masks, the media the first stage encodes) is
+queued on each stage before a step, one entry per micro-batch (`queue`), and taken in order by the
+stage's forwards. The pipeline's buffers have one shape for the whole run, so every batch is padded to
+`PipelineShape` first (`step_inputs`). The stages of the composed models are in `pipeline_media.py`.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +27,49 @@ from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, 
 
 from ..config import ConfigError
 from ..model import Transformer
-from ..model.multimodal import MultimodalModel
 from ..train.losses import IGNORE
+
+
+@dataclass(frozen=True)
+class PipelineShape:
+    """What every batch is padded to: `rows` (train.micro_batch) × `seq_len` (train.seq_len) tokens, the
+    padding being `pad_id` tokens without labels, and `image_slots` images per row (image–text model)."""
+
+    seq_len: int
+    rows: int
+    pad_id: int
+    image_slots: int = 1
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`[n, ...]` → `[rows, ...]`, the last row repeated (a short held-out batch; its copies carry no labels)."""
+    if t.shape[0] > rows:
+        raise ValueError(f"a batch of {t.shape[0]} rows does not fit the pipeline's train.micro_batch ({rows})")
+    return torch.cat([t, t[-1:].expand(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t
+
+
+def fixed_tokens(tokens: torch.Tensor, labels: torch.Tensor, shape: PipelineShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens, labels `[n, t]` → `[rows, seq_len]`: pad tokens at the end of each row, where causal attention keeps
+    them from every real position, and repeated rows; neither has a label."""
+    n, t = tokens.shape
+    if t > shape.seq_len:
+        raise ValueError(f"a batch of {t} tokens per row does not fit the pipeline's train.seq_len ({shape.seq_len})")
+    tokens = pad_rows(F.pad(tokens, (0, shape.seq_len - t), value=shape.pad_id), shape.rows)
+    labels = F.pad(labels, (0, shape.seq_len - t, 0, shape.rows - n), value=IGNORE)
+    return tokens, labels
+
+
+def fixed_doc_ids(doc_ids: torch.Tensor, shape: PipelineShape) -> torch.Tensor:
+    """doc_ids `[n, t]` → `[rows, seq_len]`, the padding joining each row's last document (causal: unseen)."""
+    return pad_rows(torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, shape.seq_len - doc_ids.shape[1])], 1), shape.rows)
+
+
+def take(stage: nn.Module, queue: deque):
+    """The queued inputs of the micro-batch `stage` runs now. The schedule's one-time shape inference (first
+    training step, under no_grad) runs the first micro-batch without using it up; `stage.evaluating` is set
+    while a forward-only (held-out) pass runs."""
+    inferring = not torch.is_grad_enabled() and not stage.evaluating
+    return queue[0] if inferring else queue.popleft()
 
 
 class StagePart(nn.Module):
@@ -58,16 +94,13 @@ def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
 
 
 class StageModule(StagePart):
-    """One pipeline stage of a `Transformer`: `[batch, seq]` tokens (first stage) or `[batch, seq, dim]` hidden in,
-    hidden out, or logits `[batch, seq, vocab]` on the last stage.
-
-    Every rank of a pipeline reads the same batch, so each stage takes the document ids of the
-    micro-batch it runs from `doc_ids` (filled by `queue_doc_ids` before each step) instead of
-    receiving integers over the pipeline; a stage runs its micro-batches' forwards in order.
-    """
+    """One pipeline stage of a `Transformer` (the 'lm' and text 'sft' objectives): `[batch, seq]` tokens (first
+    stage) or `[batch, seq, dim]` hidden in, hidden out, or logits `[batch, seq, vocab]` on the last stage.
+    The document ids of each micro-batch are queued (`queue`)."""
 
     rotary = Transformer.rotary
     prepare = Transformer.prepare
+    evaluating = False
 
     def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
@@ -76,88 +109,44 @@ class StageModule(StagePart):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
-        self.doc_ids: deque[torch.Tensor] = deque()
-        self.evaluating = False  # set while a forward-only (held-out) pass runs
+        self.inputs: deque = deque()
 
-    def queue_doc_ids(self, doc_ids: torch.Tensor, microbatches: int) -> None:
-        """doc_ids `[batch, seq]` of one step, split as the schedule splits the batch."""
-        self.doc_ids = deque(doc_ids.tensor_split(microbatches))
+    @staticmethod
+    def step_inputs(batch, shape: PipelineShape, device) -> tuple[tuple, torch.Tensor, tuple]:
+        """A text batch (`tokens`, `labels`, `doc_ids` `[batch, seq]`) → the first stage's arguments, the last
+        stage's targets, what every stage queues."""
+        tokens, labels = fixed_tokens(batch.tokens, batch.labels, shape)
+        doc_ids = fixed_doc_ids(batch.doc_ids, shape)
+        tokens, labels, doc_ids = (t.to(device) for t in (tokens, labels, doc_ids))
+        return (tokens,), labels, (doc_ids,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        # the schedule's one-time shape inference (first training step, under no_grad) must not use up a micro-batch
-        inferring = not torch.is_grad_enabled() and not self.evaluating
-        doc_ids = self.doc_ids[0] if inferring else self.doc_ids.popleft()
-        (cos, sin), mask = self.prepare(doc_ids, doc_ids)
+    def queue(self, local: tuple, microbatches: int) -> None:
+        """`step_inputs`' per-stage inputs of one step, split as the schedule splits the batch."""
+        (doc_ids,) = local
+        self.inputs = deque(doc_ids.tensor_split(microbatches))
+
+    def run_layers(self, h: torch.Tensor, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """This stage's layers on h `[batch, seq, dim]`; the last stage returns logits `[batch, seq, vocab]`."""
+        (cos, sin), mask = self.prepare(tokens, doc_ids)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         if self.output is None:
             return h
         return self.output(self.norm(h)).float()
 
-
-class MultimodalStage(nn.Module):
-    """One pipeline stage of an image–text `MultimodalModel` (no video): the first takes tokens `[batch, seq]` and
-    images `[batch, n_images, tiles, 3, S, S]`; every stage but the last returns the hidden state `[batch, seq, dim]`
-    and the image tokens `[batch, n_images, tiles, tokens_per_tile, dim]` (see the module docstring); the last
-    returns logits `[batch, seq, vocab]`. Names as the whole model's: `lm.layers.{i}`, `cross_attention.{i}`,
-    `vision`, `image_embedding`. Tokens and aspect ratios come from `queue_inputs` (every rank reads the batch)."""
-
-    embed = MultimodalModel.embed
-
-    def __init__(self, model: MultimodalModel, layer_ids: list[int], first: bool, last: bool):
-        super().__init__()
-        self.args, self.first, self.last = model.args, first, last
-        self.image_token_id, self.max_tiles = model.image_token_id, model.config.encoder.max_num_tiles
-        self.lm = StageModule(model.lm, layer_ids, first, last)
-        self.cross_attention = nn.ModuleDict({str(i): model.cross_attention[str(i)] for i in layer_ids
-                                              if str(i) in model.cross_attention})
-        self.vision = model.vision if first else None
-        self.image_embedding = model.image_embedding if first else None
-        self.inputs: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
-        self.evaluating = False
-
-    def queue_inputs(self, tokens: torch.Tensor, aspect_ratios: torch.Tensor, microbatches: int) -> None:
-        """tokens `[batch, seq]`, aspect_ratios `[batch, n_images, 2]` of one step, split as the schedule splits."""
-        self.inputs = deque(zip(tokens.tensor_split(microbatches), aspect_ratios.tensor_split(microbatches)))
-
-    def forward(self, x: torch.Tensor, media: torch.Tensor):
-        from adapters.cross_attention import cross_attention_bias, vision_mask
-
-        inferring = not torch.is_grad_enabled() and not self.evaluating  # as in `StageModule.forward`
-        tokens, ratios = self.inputs[0] if inferring else self.inputs.popleft()
-        if self.first:
-            h, image_tokens = self.embed(tokens), self.vision(media, ratios)
-        else:
-            h, image_tokens = x, media
-        (cos, sin), mask = self.lm.prepare(tokens)
-        allowed = vision_mask(tokens, self.image_token_id, ratios, self.max_tiles)
-        bias, rows = cross_attention_bias(allowed, image_tokens.shape[3], h.dtype)
-        flat = image_tokens.flatten(1, 3)
-        for i, layer in self.lm.layers.items():
-            if i in self.cross_attention:
-                block = self.cross_attention[i]
-                h = block(h, block.kv(flat), bias, rows)
-            h = layer(h, cos, sin, mask)
-        if self.last:
-            return self.lm.output(self.lm.norm(h)).float()
-        return h, image_tokens
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        doc_ids = take(self, self.inputs)
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        return self.run_layers(h, doc_ids, doc_ids)
 
 
-def build_stages(model: Transformer | MultimodalModel, mesh: DeviceMesh, schedule: str, virtual: int
+def build_stages(model: nn.Module, mesh: DeviceMesh, schedule: str, virtual: int, stage: type = StageModule
                  ) -> list[tuple[int, nn.Module]]:
-    """(stage index, module) of the stages this rank holds, in order: `StageModule`s of a `Transformer`,
-    `MultimodalStage`s of an image–text model."""
+    """(stage index, module) of the `stage`s this rank holds, in order (`stage(model, layer_ids, first, last)`)."""
     pp, rank = mesh.size(), mesh.get_local_rank()
     per_rank = virtual if schedule == "interleaved_1f1b" else 1
     if model.args.tie_embeddings:
         raise ConfigError("parallel.pp > 1 needs untied embeddings: the first and last stage would share one matrix")
-    stage = StageModule
-    if isinstance(model, MultimodalModel):
-        if model.video_config is not None:
-            raise ConfigError("parallel.pp > 1 cuts the image–text model only, not a model with a video: section; "
-                              "use parallel.dp_shard, parallel.tp and parallel.cp")
-        stage = MultimodalStage
     n_stages = pp * per_rank
     layers = split_layers(model.args.n_layers, n_stages)
     chosen = [rank + k * pp for k in range(per_rank)]
@@ -175,22 +164,3 @@ def build_schedule(stages: list[tuple[int, nn.Module]], n_stages: int, mesh: Dev
         return ScheduleInterleaved1F1B(pipe, microbatches, loss_fn=loss_fn, scale_grads=False)
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
     return cls(pipe[0], microbatches, loss_fn=loss_fn, scale_grads=False)
-
-
-def fixed_media_batch(batch, seq_len: int, slots: int, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """An image–text batch (`tokens`, `labels` `[batch, seq]`, `media_inputs`) padded to the one shape the pipeline's
-    buffers have for the whole run: tokens (pad token) and labels (no label) to `seq_len` at the end, where causal
-    attention keeps them from every real row; images to `slots` empty slots (aspect ratio (0, 0), seen by no token).
-    Returns tokens, labels `[batch, seq_len]`, images `[batch, slots, tiles, 3, S, S]`, aspect_ratios `[batch, slots, 2]`."""
-    media = batch.media_inputs(device)
-    tokens, labels = batch.tokens.to(device), batch.labels.to(device)
-    images, ratios = media["images"], media["aspect_ratios"]
-    t, n = tokens.shape[1], images.shape[1]
-    if t > seq_len or n > slots:
-        raise ValueError(f"a batch of {t} tokens and {n} images per row does not fit the pipeline's "
-                         f"train.seq_len ({seq_len}) and {slots} image slots")
-    tokens = F.pad(tokens, (0, seq_len - t), value=pad_id)
-    labels = F.pad(labels, (0, seq_len - t), value=IGNORE)
-    images = F.pad(images, (0, 0) * (images.ndim - 2) + (0, slots - n))
-    ratios = F.pad(ratios, (0, 0, 0, slots - n))
-    return tokens, labels, images, ratios

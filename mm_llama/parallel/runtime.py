@@ -28,19 +28,23 @@ from torch.distributed.tensor.parallel import loss_parallel
 from ..config import ConfigError
 from ..config.stage import StageConfig
 from ..model import Transformer
+from ..model.multimodal import MultimodalModel
+from ..model.speech_lm import SpeechLM
 from ..train.losses import lm_loss_sum
 from .blocks import shard_units
 from .context_parallel import ComposedCP, apply_cp, apply_cp_composed, shard_sequence
 from .fsdp import apply_fsdp, shard_frozen
 from .mesh import ParallelDims, build_mesh, fsdp_mesh
-from .pipeline import StagePart, build_schedule, build_stages, fixed_media_batch, split_layers
+from .pipeline import PipelineShape, StagePart, StageModule, build_schedule, build_stages, split_layers
+from .pipeline_media import MultimodalStage, SpeechStage, VideoStage
 from .tensor_parallel import apply_tp, apply_tp_composed
 
 # objectives besides 'lm' whose loss is a sum over token positions (labels `[batch, seq]` aligned with the
 # tokens), so that each CP rank's share is the loss of its own rows
 CP_OBJECTIVES = ("vision_lm", "video_lm", "speech_lm", "sft")
-# objectives besides 'lm' that pipeline parallelism cuts (`pipeline.MultimodalStage`)
-PP_OBJECTIVES = ("vision_lm",)
+# objectives besides 'lm' that pipeline parallelism cuts (their loss is the LM's, per labelled token): the stage
+# class of each (`_pipeline_stage`)
+PP_OBJECTIVES = ("vision_lm", "video_lm", "speech_lm", "sft")
 
 
 class StateView(nn.Module):
@@ -80,7 +84,7 @@ class ParallelRun:
     replicated: list = field(default_factory=list)  # parameters FSDP leaves whole: gradients summed over DP×CP here
     context: ComposedCP | None = None  # context parallelism of a task's model (the switch; None: no CP or 'lm')
     grad_mesh: DeviceMesh | None = None  # the ranks whose gradients are summed (DP, or DP×CP)
-    pipeline_shape: tuple = ()  # a composed model's pipeline: (seq_len, image slots, pad id) every batch is padded to
+    pipeline_shape: PipelineShape | None = None  # what every batch is padded to under pipeline parallelism
     _pending: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- building
@@ -109,6 +113,8 @@ class ParallelRun:
                 apply_fsdp(m, fsdp_mesh(mesh), dtype, p.reshard_after_forward)
         run = cls(dims, mesh, device, modules, StateView(modules) if stages else model, vocab_parallel)
         if stages:
+            # padding sits after every real token of its row and has no label: any token id serves
+            run.pipeline_shape = PipelineShape(cfg.train.seq_len, cfg.train.micro_batch, pad_id=0)
             run._attach_schedule(stages, model.args.n_layers, cfg)
         return run
 
@@ -153,28 +159,28 @@ class ParallelRun:
     @classmethod
     def _setup_task_pipeline(cls, model: nn.Module, task, cfg: StageConfig, dims: ParallelDims, device: torch.device,
                              dtype: torch.dtype, per_block: Callable[[nn.Module], None]) -> "ParallelRun":
-        """The image–text model cut into `MultimodalStage`s; the loss is the LM's (per labelled token), as for 'lm'."""
-        if task.name not in PP_OBJECTIVES or cfg.model.video is not None:
-            raise ConfigError(f"train.objective '{task.name}': parallel.pp cuts the text LM and the image–text model "
-                              f"and supports the {', '.join(repr(o) for o in ('lm', *PP_OBJECTIVES))} objectives only; "
-                              "use parallel.dp_shard, parallel.tp and parallel.cp")
+        """The task's model cut into pipeline stages (`_pipeline_stage`); the loss is the LM's (per labelled token),
+        as for 'lm'. `per_block` wraps the task's blocks (`task.blocks`) on the stage that holds each."""
+        stage = _pipeline_stage(model, task)
         if dims.tp > 1 or dims.cp > 1:
             raise ConfigError(f"train.objective '{task.name}': parallel.pp > 1 together with parallel.tp or parallel.cp "
                               "> 1 is not supported in this version")
         p = cfg.parallel
         mesh = build_mesh(dims, device.type)
-        stages = build_stages(model, mesh["pp"], p.pp_schedule, p.pp_virtual_stages)
+        blocks = {id(b) for b in task.blocks(model)}
+        stages = build_stages(model, mesh["pp"], p.pp_schedule, p.pp_virtual_stages, stage)
         modules = [m for _, m in stages]
         replicated = []
         for m in modules:
-            for block in m.lm.layers.values():
+            for block in [b for b in m.modules() if id(b) in blocks]:
                 per_block(block)
             if dims.dp > 1:
                 replicated += apply_fsdp(m, mesh["dp"], dtype, p.reshard_after_forward, units=shard_units(m))
         run = cls(dims, mesh, device, modules, StateView(modules), vocab_parallel=False, task=task,
                   replicated=replicated, grad_mesh=mesh["dp"])
         documents = getattr(task.opts, "documents", None)
-        run.pipeline_shape = (cfg.train.seq_len, task.opts.max_images if documents else 1, task.tokenizer.pad_id)
+        run.pipeline_shape = PipelineShape(cfg.train.seq_len, cfg.train.micro_batch, task.tokenizer.pad_id,
+                                           image_slots=task.opts.max_images if documents else 1)
         run._attach_schedule(stages, model.args.n_layers, cfg)
         return run
 
@@ -252,17 +258,12 @@ class ParallelRun:
             return _local(loss.detach()).double().cpu()
 
     def _pipeline_inputs(self, batch) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """The first stage's arguments and the last stage's targets; every stage queues the integer inputs it reads."""
-        micro = self.schedule._n_microbatches
-        if self.task is None:
-            tokens, labels, doc_ids = (t.to(self.device) for t in (batch.tokens, batch.labels, batch.doc_ids))
-            for m in self.modules:
-                m.queue_doc_ids(doc_ids, micro)
-            return (tokens,), labels
-        tokens, labels, images, ratios = fixed_media_batch(batch, *self.pipeline_shape, self.device)
+        """The first stage's arguments and the last stage's targets (the batch padded to `pipeline_shape`); every
+        stage queues what it reads beside its input (`step_inputs`, `queue` of the stage classes)."""
+        args, labels, local = self.modules[0].step_inputs(batch, self.pipeline_shape, self.device)
         for m in self.modules:
-            m.queue_inputs(tokens, ratios, micro)
-        return (tokens, images), labels
+            m.queue(local, self.schedule._n_microbatches)
+        return args, labels
 
     @torch.no_grad()
     def evaluate(self, batches, autocast) -> float | dict[str, float]:
@@ -333,3 +334,30 @@ class ParallelRun:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _pipeline_stage(model: nn.Module, task) -> type:
+    """The stage class that cuts the model of `task` (`PP_OBJECTIVES`), or a ConfigError naming what is refused."""
+    supported = ", ".join(repr(o) for o in ("lm", *PP_OBJECTIVES))
+    if task.name not in PP_OBJECTIVES:
+        raise ConfigError(f"train.objective '{task.name}': parallel.pp cuts a model whose loss is the LM's per "
+                          f"labelled token and supports the {supported} objectives only (not the preference objectives "
+                          "'reward_model' and 'dpo', whose losses compare whole responses, nor the encoder "
+                          "pre-training); use parallel.dp_shard, parallel.tp and parallel.cp")
+    if getattr(task.opts, "caption_contrastive", 0):
+        raise ConfigError(f"train.objective '{task.name}': parallel.pp > 1 with train.options.caption_contrastive > 0 "
+                          "is not supported: the term compares the aggregated clips of a whole batch on the first "
+                          "stage, while the pipeline takes its loss per micro-batch on the last; set it to 0 or use "
+                          "parallel.dp_shard, parallel.tp and parallel.cp")
+    video = isinstance(model, MultimodalModel) and model.video_config is not None
+    if task.name == "video_lm":
+        return VideoStage
+    if task.name == "vision_lm" and not video:
+        return MultimodalStage
+    if task.name == "speech_lm" or (task.name == "sft" and isinstance(model, SpeechLM)):
+        return SpeechStage
+    if task.name == "sft" and isinstance(model, Transformer):
+        return StageModule
+    raise ConfigError(f"train.objective '{task.name}' with a model.vision section: parallel.pp cuts the image–text "
+                      "model for 'vision_lm' (no model.video) and the video model for 'video_lm' only, not image or "
+                      "video SFT (each dialog's own-media masks); use parallel.dp_shard, parallel.tp and parallel.cp")
