@@ -75,8 +75,8 @@ def collect(out: Path, order: list[str]) -> dict[str, float]:
 def write_report(out: Path, name: str, order: list[str], metrics: dict[str, float]) -> None:
     (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
     lines = [f"# Pipeline `{name}`", "", "Every number below was measured by this run.", "",
-             "Baseline: blind (unigram text model, majority answer, chance, best constant transcript); untrained: the "
-             "stage's starting weights, evaluated before its first step.", "",
+             "Baseline: blind (unigram text model, majority answer, chance, best constant transcript, a coin for "
+             "preferences); untrained: the stage's starting weights, evaluated before its first step.", "",
              "| metric | value | baseline | untrained |", "|---|---|---|---|"]
     for key, value in metrics.items():
         if not key.endswith(REFERENCE_SUFFIXES):
