@@ -99,6 +99,16 @@ def test_model_parallel_layouts_match_single_process(demo_data, tmp_path, single
         torch.testing.assert_close(final[k], ref[k], atol=1e-5, rtol=1e-4)
 
 
+def test_pipeline_follows_a_sequence_length_ramp(demo_data, tmp_path):
+    """The pipeline's buffers keep one shape: rows are padded to the ramp's longest length from the first step."""
+    ramp = "train.ramp=[{after_tokens: 128, seq_len: 64}]"
+    single = train_stage(stage(demo_data, tmp_path / "single", *STEPS, ramp))
+    assert [json.loads(r)["seq_len"] for r in (single / "metrics.jsonl").read_text().splitlines()] == [32, 64, 64]
+    run = tmp_path / "run"
+    check(torchrun(2, demo_data, run, ramp, "parallel.pp=2", "parallel.pp_microbatches=2"))
+    assert losses(run) == pytest.approx(losses(single), abs=1e-5)
+
+
 def test_fsdp_data_parallel_matches_the_same_global_batch(demo_data, tmp_path, single_dp2):
     run = tmp_path / "run"
     check(torchrun(2, demo_data, run, "train.micro_batch=2"))

@@ -68,6 +68,11 @@ class TrainConfig(Strict):
             raise ValueError("train.ramp points must be in increasing after_tokens order")
         return self
 
+    @property
+    def longest_seq_len(self) -> int:
+        """The longest rows the run reaches: `seq_len`, or a longer one of the ramp."""
+        return max([self.seq_len] + [p.seq_len for p in self.ramp if p.seq_len])
+
 
 class OptimConfig(Strict):
     name: Literal["adamw"] = "adamw"
@@ -116,7 +121,7 @@ class StageConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
-        longest = max([self.train.seq_len] + [p.seq_len for p in self.train.ramp if p.seq_len])
+        longest = self.train.longest_seq_len
         if longest > self.model.lm.max_seq_len:
             raise ValueError(f"train.seq_len {longest} exceeds model.lm.max_seq_len {self.model.lm.max_seq_len}")
         if self.train.polyak_last > self.run.keep_last:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import glob
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -138,8 +139,7 @@ class _TailKeeper:
 
     def ended_cleanly(self) -> bool:
         """Whether the whole stream (read to its end here) closes with the end-of-archive zero blocks."""
-        while self.read(1 << 16):
-            pass
+        deque(iter(lambda: self.read(1 << 16), b""), maxlen=0)  # read (and keep the tail of) the rest
         return self.head.startswith(self.COMPRESSED) or self.tail == bytes(1024)
 
 

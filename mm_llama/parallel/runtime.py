@@ -114,7 +114,8 @@ class ParallelRun:
         run = cls(dims, mesh, device, modules, StateView(modules) if stages else model, vocab_parallel)
         if stages:
             # padding sits after every real token of its row and has no label: any token id serves
-            run.pipeline_shape = PipelineShape(cfg.train.seq_len, cfg.train.micro_batch, pad_id=0)
+            # the buffers keep one shape: rows as long as the ramp's longest (shorter rows early on are padded)
+            run.pipeline_shape = PipelineShape(cfg.train.longest_seq_len, cfg.train.micro_batch, pad_id=0)
             run._attach_schedule(stages, model.args.n_layers, cfg)
         return run
 
@@ -179,7 +180,7 @@ class ParallelRun:
         run = cls(dims, mesh, device, modules, StateView(modules), vocab_parallel=False, task=task,
                   replicated=replicated, grad_mesh=mesh["dp"])
         documents = getattr(task.opts, "documents", None)
-        run.pipeline_shape = PipelineShape(cfg.train.seq_len, cfg.train.micro_batch, task.tokenizer.pad_id,
+        run.pipeline_shape = PipelineShape(cfg.train.longest_seq_len, cfg.train.micro_batch, task.tokenizer.pad_id,
                                            image_slots=task.opts.max_images if documents else 1)
         run._attach_schedule(stages, model.args.n_layers, cfg)
         return run
