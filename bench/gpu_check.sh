@@ -16,6 +16,10 @@ python3 -m pytest -p no:cacheprovider -q -rs tests/test_gpu.py 2>&1 | tee "$out/
 for batch in ${TRAIN_GPU_BATCHES:-4}; do
     (cd bench && python3 train_gpu.py --batch "$batch" --markdown "$out/train_gpu_b$batch.md") 2>&1 | tee "$out/train_gpu_b$batch.log"
 done
+for batch in ${TRAIN_GPU_COMPILED_BATCHES:-}; do  # larger batches: the compiled step only
+    (cd bench && python3 train_gpu.py --batch "$batch" --no-eager --no-baseline --markdown "$out/train_gpu_b$batch.md") \
+        2>&1 | tee "$out/train_gpu_b$batch.log"
+done
 if [ -n "${GENERATE_ARGS:-}" ]; then
     (cd bench && python3 generate.py $GENERATE_ARGS) 2>&1 | tee "$out/generate.log"
 fi

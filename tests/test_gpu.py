@@ -16,6 +16,7 @@ from mm_llama.infer import Generator, Prompt, SamplingConfig
 from mm_llama.model import LlamaArgs, Transformer, init_weights
 from mm_llama.model.multimodal import MultimodalModel
 from mm_llama.train.engine import train_stage
+from mm_llama.train.losses import IGNORE, compiled_lm_loss_sum, lm_loss_sum
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,9 +70,22 @@ def test_compiled_blocks_equal_eager_forward_and_backward_on_gpu():
     assert rel_err(grads[1], grads[0]) < 1e-4
 
 
-def test_engine_trains_a_tiny_stage_on_gpu_in_bf16_autocast(demo_data, tmp_path):
+def test_compiled_loss_equals_eager_on_bf16_logits_on_gpu():
+    logits = torch.randn(2, 96, ARGS.vocab_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = tokens().cuda()
+    labels[:, -1] = IGNORE
+    got, want = compiled_lm_loss_sum()(logits, labels), lm_loss_sum(logits, labels)
+    assert got.dtype == want.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    got_grad, = torch.autograd.grad(got, logits)
+    want_grad, = torch.autograd.grad(want, logits)
+    assert got_grad.dtype == torch.bfloat16 and rel_err(got_grad, want_grad) < 1e-2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_engine_trains_a_tiny_stage_on_gpu_in_bf16_autocast(demo_data, tmp_path, compiled):
     run_dir = train_stage(stage(demo_data, tmp_path / "run", "train.steps=8", "run.device=cuda",
-                                "optim.lr=3e-3", "optim.warmup_steps=1"))
+                                "optim.lr=3e-3", "optim.warmup_steps=1", f"train.compile={str(compiled).lower()}"))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]

@@ -69,6 +69,15 @@ def test_gradient_accumulation_equals_one_large_batch(demo_data, tmp_path):
         assert a["tokens"] == b["tokens"]
 
 
+@pytest.mark.slow  # compiling the blocks and the loss takes about a minute on this CPU
+def test_compiled_stage_gives_the_eager_losses(demo_data, tmp_path):
+    eager = train_stage(stage(demo_data, tmp_path / "eager", "train.steps=3"))
+    compiled = train_stage(stage(demo_data, tmp_path / "compiled", "train.steps=3", "train.compile=true"))
+    for a, b in zip(rows(eager), rows(compiled)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
 def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(demo_data, tmp_path):
     cfg = stage(demo_data, tmp_path / "run", "train.steps=2", "train.frozen=[tok_embeddings.*,layers.0.*]")
     run_dir = train_stage(cfg)

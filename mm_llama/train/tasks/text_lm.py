@@ -7,7 +7,7 @@ from torch import nn
 from ...config import ConfigError
 from ...data import TextLoader, heldout_batches
 from ...model import Transformer, init_weights
-from ..losses import IGNORE, lm_loss_sum
+from ..losses import IGNORE, compiled_lm_loss_sum, lm_loss_sum
 from .base import Task, register
 
 
@@ -48,7 +48,8 @@ class TextLM(Task):
 
     def loss(self, model, batch, device) -> torch.Tensor:
         logits = model(batch.tokens.to(device), doc_ids=batch.doc_ids.to(device))
-        return lm_loss_sum(logits, batch.labels.to(device))
+        loss_sum = compiled_lm_loss_sum() if self.cfg.train.compile else lm_loss_sum
+        return loss_sum(logits, batch.labels.to(device))
 
     def batch_tokens(self, batch) -> int:
         return batch.tokens.numel()
