@@ -33,7 +33,7 @@ from mm_llama.checkpoint.hf import hf_config_from_args, to_hf_state_dict  # noqa
 from mm_llama.config import ModelConfig, load_config  # noqa: E402
 from mm_llama.data import Batch, DataConfig, SourceConfig, TextLoader  # noqa: E402
 from mm_llama.model import Transformer, init_weights  # noqa: E402
-from mm_llama.train.losses import IGNORE, lm_loss_sum  # noqa: E402
+from mm_llama.train.losses import IGNORE, compiled_lm_loss_sum, lm_loss_sum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,9 +66,10 @@ def build(config: Path, seed: int, compile_ours: bool):
     hf_config._attn_implementation = "sdpa"
     theirs = transformers.LlamaForCausalLM(hf_config).train()
     theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), args), strict=True)
-    if compile_ours:
+    if compile_ours:  # what `train.compile` does: each block, and the loss (`make_steps`)
         for block in ours.layers:
             block.compile()
+        ours.compiled = True
     return args, ours, theirs
 
 
@@ -87,9 +88,11 @@ def make_steps(ours, theirs, batch: Batch, document_mask: bool = False):
 
     doc_ids = batch.doc_ids if document_mask else None
 
+    loss_sum = compiled_lm_loss_sum() if getattr(ours, "compiled", False) else lm_loss_sum  # as `train.compile`
+
     def our_step():
         logits = ours(batch.tokens, doc_ids=doc_ids)
-        loss = lm_loss_sum(logits, labels)
+        loss = loss_sum(logits, labels)
         (loss / n_labels).backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         our_opt.step()
@@ -131,7 +134,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="compile our blocks (compile time excluded)")
+    p.add_argument("--compile", action="store_true", help="compile our blocks and loss (compile time excluded)")
     p.add_argument("--data", type=Path, help="a `mm-llama data demo` folder (default: written to a temp dir)")
     p.add_argument("--markdown", type=Path, help="also write the result table here")
     a = p.parse_args()
