@@ -220,7 +220,8 @@ def test_a_cp_rank_gets_the_whole_padded_sequence_and_its_own_labels():
     ("dpo", CP, "'dpo': parallel.cp .* 'vision_lm', 'video_lm', 'speech_lm', 'sft' objectives only"),
     ("video_lm", f"{CP} train.options.caption_contrastive=0.5", "'video_lm': parallel.cp > 1 with "
      "train.options.caption_contrastive > 0 is not supported"),
-    ("dpo", PP, "'dpo': parallel.pp .* 'lm', 'vision_lm', 'video_lm', 'speech_lm', 'sft' objectives only"),
+    ("clip", PP, "'clip': parallel.pp cuts a language model and supports the 'lm', 'vision_lm', 'video_lm', "
+     "'speech_lm', 'sft', 'reward_model', 'dpo' objectives only"),
 ])
 def test_layouts_a_task_cannot_use_are_refused_naming_the_objective(objective, layout, refused, root, lm_dir,
                                                                     tmp_path):

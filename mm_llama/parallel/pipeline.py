@@ -11,7 +11,9 @@ Only floating tensors travel between stages. Every rank of a pipeline reads the 
 stage needs beside its input (document ids, tokens for the masks, the media the first stage encodes) is
 queued on each stage before a step, one entry per micro-batch (`queue`), and taken in order by the
 stage's forwards. The pipeline's buffers have one shape for the whole run, so every batch is padded to
-`PipelineShape` first (`step_inputs`). The stages of the composed models are in `pipeline_media.py`.
+`PipelineShape` first (`step_inputs`). `RewardStage` cuts the text reward model (the value head on the last
+stage, the response mask queued); DPO's policy and frozen reference are cut by `StageModule`. The stages of the
+composed models are in `pipeline_media.py`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, 
 
 from ..config import ConfigError
 from ..model import Transformer
+from ..model.masks import AttentionMask
+from ..model.reward import RewardModel
 from ..train.losses import IGNORE
 
 
@@ -65,11 +69,13 @@ def fixed_doc_ids(doc_ids: torch.Tensor, shape: PipelineShape) -> torch.Tensor:
 
 
 def take(stage: nn.Module, queue: deque):
-    """The queued inputs of the micro-batch `stage` runs now. The schedule's one-time shape inference (first
-    training step, under no_grad) runs the first micro-batch without using it up; `stage.evaluating` is set
-    while a forward-only (held-out) pass runs."""
-    inferring = not torch.is_grad_enabled() and not stage.evaluating
-    return queue[0] if inferring else queue.popleft()
+    """The queued inputs of the micro-batch `stage` runs now. A stage's first forward is the schedule's one-time
+    shape inference (in its first step or forward-only pass), which runs the first micro-batch's inputs without
+    using them up."""
+    if not stage.shapes_known:
+        stage.shapes_known = True
+        return queue[0]
+    return queue.popleft()
 
 
 class StagePart(nn.Module):
@@ -100,7 +106,7 @@ class StageModule(StagePart):
 
     rotary = Transformer.rotary
     prepare = Transformer.prepare
-    evaluating = False
+    shapes_known = False
 
     def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
@@ -113,21 +119,22 @@ class StageModule(StagePart):
 
     @staticmethod
     def step_inputs(batch, shape: PipelineShape, device) -> tuple[tuple, torch.Tensor, tuple]:
-        """A text batch (`tokens`, `labels`, `doc_ids` `[batch, seq]`) → the first stage's arguments, the last
-        stage's targets, what every stage queues."""
+        """A text batch (`tokens`, `labels`, `doc_ids` `[batch, seq]`; no `doc_ids`: causal rows, as DPO's) →
+        the first stage's arguments, the last stage's targets, what every stage queues."""
         tokens, labels = fixed_tokens(batch.tokens, batch.labels, shape)
-        doc_ids = fixed_doc_ids(batch.doc_ids, shape)
-        tokens, labels, doc_ids = (t.to(device) for t in (tokens, labels, doc_ids))
-        return (tokens,), labels, (doc_ids,)
+        doc_ids = getattr(batch, "doc_ids", None)
+        doc_ids = fixed_doc_ids(doc_ids, shape).to(device) if doc_ids is not None else None
+        return (tokens.to(device),), labels.to(device), (doc_ids,)
 
     def queue(self, local: tuple, microbatches: int) -> None:
         """`step_inputs`' per-stage inputs of one step, split as the schedule splits the batch."""
         (doc_ids,) = local
-        self.inputs = deque(doc_ids.tensor_split(microbatches))
+        self.inputs = deque(doc_ids.tensor_split(microbatches) if doc_ids is not None else [None] * microbatches)
 
-    def run_layers(self, h: torch.Tensor, tokens: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """This stage's layers on h `[batch, seq, dim]`; the last stage returns logits `[batch, seq, vocab]`."""
-        (cos, sin), mask = self.prepare(tokens, doc_ids)
+    def run_layers(self, h: torch.Tensor, tokens: torch.Tensor | None, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """This stage's layers on h `[batch, seq, dim]` (tokens None: causal rows; `prepare` reads only the shape
+        of h's first channel then); the last stage returns logits `[batch, seq, vocab]`."""
+        (cos, sin), mask = self.prepare(tokens if tokens is not None else h[..., 0], doc_ids)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         if self.output is None:
@@ -138,6 +145,50 @@ class StageModule(StagePart):
         doc_ids = take(self, self.inputs)
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         return self.run_layers(h, doc_ids, doc_ids)
+
+
+class RewardStage(StagePart):
+    """One pipeline stage of a text `RewardModel` (reward_model): tokens `[batch, seq]` (first stage) or the hidden
+    state in; the hidden state out, or on the last stage, which holds the value head, the reward logit of every
+    token `[batch, seq]` (fp32). Each micro-batch's attention mask bool `[batch, 1, seq, seq]` (a response sees
+    the prompt and itself) and positions `[batch, seq]` are queued."""
+
+    shapes_known = False
+
+    def __init__(self, model: RewardModel, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.args, self.first, self.last = model.args, first, last
+        self.lm = StageModule(model.lm, layer_ids, first, last)
+        self.value_head = model.value_head if last else None
+        self.inputs: deque = deque()
+
+    @staticmethod
+    def step_inputs(batch, shape: PipelineShape, device) -> tuple[tuple, torch.Tensor, tuple]:
+        """A `RewardBatch` padded to `shape` (a padded position sees itself only; repeated rows) → the first stage's
+        tokens, the row ids `[rows]` (the loss reads the batch's own response ends and pairs), what every stage
+        queues: mask and positions."""
+        t = batch.tokens.shape[1]
+        tokens, _ = fixed_tokens(batch.tokens, torch.zeros_like(batch.tokens), shape)
+        mask = F.pad(batch.mask, (0, shape.seq_len - t, 0, shape.seq_len - t))
+        mask |= torch.eye(shape.seq_len, dtype=torch.bool)  # as `response_mask` lets padding see itself
+        positions = F.pad(batch.positions, (0, shape.seq_len - t))
+        mask, positions = pad_rows(mask, shape.rows), pad_rows(positions, shape.rows)
+        rows = torch.arange(shape.rows, device=device)
+        return (tokens.to(device),), rows, (mask.to(device), positions.to(device))
+
+    def queue(self, local: tuple, microbatches: int) -> None:
+        self.inputs = deque(zip(*(t.tensor_split(microbatches) for t in local)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask, positions = take(self, self.inputs)
+        h = self.lm.tok_embeddings(x) if self.first else x
+        (cos, sin), _ = self.lm.prepare(positions, positions=positions)
+        attention = AttentionMask(mask)
+        for layer in self.lm.layers.values():
+            h = layer(h, cos, sin, attention)
+        if not self.last:
+            return h
+        return self.value_head(self.lm.norm(h)).squeeze(-1).float()
 
 
 def build_stages(model: nn.Module, mesh: DeviceMesh, schedule: str, virtual: int, stage: type = StageModule
@@ -151,6 +202,18 @@ def build_stages(model: nn.Module, mesh: DeviceMesh, schedule: str, virtual: int
     layers = split_layers(model.args.n_layers, n_stages)
     chosen = [rank + k * pp for k in range(per_rank)]
     return [(s, stage(model, layers[s], s == 0, s == n_stages - 1)) for s in chosen]
+
+
+def ready_for_backward(schedule) -> None:
+    """Let the receive buffers of the schedule's stages require grad. torch sizes them at the schedule's first pass
+    and marks them only if that pass runs backward; after a forward-only first pass (a held-out evaluation before
+    the first step: `train.eval_untrained`) a later stage would compute no input gradient and the first training
+    step would wait forever for it."""
+    for stage in getattr(schedule, "_stages", None) or [schedule._stage]:
+        for infos in getattr(stage, "args_recv_info", {}).values():
+            for buffer in (getattr(info, "buffer", None) for info in infos):
+                if isinstance(buffer, torch.Tensor) and buffer.is_floating_point() and not buffer.requires_grad:
+                    buffer.requires_grad_(True)
 
 
 def build_schedule(stages: list[tuple[int, nn.Module]], n_stages: int, mesh: DeviceMesh, device: torch.device,

@@ -54,7 +54,7 @@ class MultimodalStage(nn.Module):
     `[batch, seq, vocab]`. Tokens and aspect ratios of each micro-batch are queued (`queue`)."""
 
     embed = MultimodalModel.embed
-    evaluating = False
+    shapes_known = False
 
     def __init__(self, model: MultimodalModel, layer_ids: list[int], first: bool, last: bool):
         super().__init__()
@@ -166,7 +166,7 @@ class SpeechStage(nn.Module):
 
     embed = SpeechLM.embed
     encode_speech = SpeechLM.encode_speech
-    evaluating = False
+    shapes_known = False
 
     def __init__(self, model: SpeechLM, layer_ids: list[int], first: bool, last: bool):
         super().__init__()

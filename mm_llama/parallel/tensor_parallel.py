@@ -199,7 +199,8 @@ def split_fused_attention(attn: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def apply_tp_composed(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Parallelize every block of a composed model (or a bare encoder / LM) in place; names are unchanged."""
+    """Parallelize every block of a composed model (or a bare encoder / LM, or a pipeline stage of one) in place;
+    names are unchanged."""
     from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
     from adapters.cross_attention import CrossAttentionBlock
@@ -208,10 +209,11 @@ def apply_tp_composed(model: nn.Module, mesh: DeviceMesh) -> None:
 
     from ..model.llama import Transformer, TransformerBlock
     from .blocks import shard_units
+    from .pipeline import StageModule
 
     tp = mesh.size()
     for module in list(model.modules()):
-        if isinstance(module, Transformer):
+        if isinstance(module, (Transformer, StageModule)):  # a pipeline stage holds the embedding or output, or neither
             check_tp(module.args, tp)
             _split_embeddings(module, mesh, vocab_parallel_loss=False)
     for unit in shard_units(model):

@@ -16,7 +16,10 @@ reference log-probs come from a frozen copy of the starting model (`reference: m
 records (`reference: stored`, field `reference_logps` written by `store_reference_logps`). Under
 torchrun the parallel runtime sets `frozen_layout`, and the reference is laid out like the policy
 (`parallel.fsdp.shard_frozen`: the same TP plan, FSDP per block, no gradients), so it costs 1/dp of its
-memory per rank.
+memory per rank. Under pipeline parallelism (text DPO) the reference is cut into the policy's stages and a
+forward-only pass of its pipeline gives the batch's reference log-probs before each policy step
+(`pipeline_batch`, which also gives every ranking three rows so that a micro-batch holds whole rankings); the last
+stage computes each micro-batch's pair losses (`pipeline_loss`).
 `reference_ema: {every: k, decay: d}`
 updates the training reference by EMA every k optimizer steps (the paper's vision DPO; k UNCONFIRMED,
 see `mm_llama.post.ema`); its weights ride in the data-loader state of each checkpoint, so a resumed
@@ -76,6 +79,10 @@ class DPOOptions(PreferenceOptions):
         return self
 
 
+# the most responses a ranking holds (`data.dialog`: 2 or 3). Under pipeline parallelism every ranking gets as many
+# rows (`slot_rankings`), so a micro-batch of whole rankings holds the rows of all its pairs.
+RESPONSES_PER_RANKING = 3
+
 MEDIA_INPUTS = ("images", "aspect_ratios", "videos", "video_aspect_ratios", "frame_mask", "speech_feats",
                 "speech_lengths")
 
@@ -84,7 +91,8 @@ MEDIA_INPUTS = ("images", "aspect_ratios", "videos", "video_aspect_ratios", "fra
 class PairBatch:
     """One row per response: tokens, labels `[rows, seq]` (labels -100 outside the response's counted
     tokens); better, worse, best `[pairs]` row indices (best: the pair's ranking's first response);
-    reference `[rows]` stored log-probs or None; index: the batch's number in its loader (None: held out).
+    reference `[rows]` stored log-probs or None (pipelined: the reference's, `DPO.pipeline_batch`); index: the
+    batch's number in its loader (None: held out).
     Each row's prompt's media (None when the batch has none of a kind; shapes of `dialog.collate_media`):
     images `[rows, n_images, tiles, 3, S, S]`, aspect_ratios `[rows, n_images, 2]`; videos
     `[rows, n_videos, frames, tiles, 3, S, S]`, video_aspect_ratios `[rows, n_videos, frames, 2]`, frame_mask
@@ -147,7 +155,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def labelled_logps(model, tokens: torch.Tensor, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps(model(tokens, **inputs), labels)` with logits computed only at the labelled (response)
-    positions, through the model's `logits_at`."""
+    positions, through the model's `logits_at`; a pipelined model computes them itself (`model.labelled_logps`)."""
+    if hasattr(model, "labelled_logps"):
+        return model.labelled_logps(tokens, labels, **inputs)
     keep = labels != IGNORE
     logits = model(tokens, logits_at=keep, **inputs).float()
     logp = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None]).squeeze(-1)
@@ -170,6 +180,25 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tenso
         loss = loss + nll_weight * (-policy[rows] / counts[rows].clamp(min=1))
     return {"loss": loss, "chosen_reward": chosen.detach(), "rejected_reward": rejected.detach(),
             "margin": margin.detach()}
+
+
+def slot_rankings(batch: PairBatch, rankings: int, pad_id: int) -> PairBatch:
+    """A text batch with the rows of its k-th ranking moved to rows 3k, 3k+1 (, 3k+2) of `rankings` · 3 rows; a
+    missing response (of a 2-response ranking, or of a ranking past the batch) is a row of `pad_id` without
+    labels. Pairs, best rows and stored reference log-probs follow their rows."""
+    n, t = batch.tokens.shape
+    firsts = batch.best.unique()  # sorted: the first row of every ranking (each has a pair)
+    if len(firsts) > rankings:
+        raise ValueError(f"a batch of {len(firsts)} rankings does not fit the pipeline's train.micro_batch ({rankings})")
+    ranking = torch.searchsorted(firsts, torch.arange(n), right=True) - 1
+    slot = ranking * RESPONSES_PER_RANKING + torch.arange(n) - firsts[ranking]
+    rows = rankings * RESPONSES_PER_RANKING
+    tokens = batch.tokens.new_full((rows, t), pad_id).index_copy(0, slot, batch.tokens)
+    labels = batch.labels.new_full((rows, t), IGNORE).index_copy(0, slot, batch.labels)
+    reference = None
+    if batch.reference is not None:
+        reference = batch.reference.new_zeros(rows).index_copy(0, slot, batch.reference)
+    return PairBatch(tokens, labels, slot[batch.better], slot[batch.worse], slot[batch.best], reference, batch.index)
 
 
 class NumberedBatches:
@@ -287,18 +316,22 @@ class DPO(PostTask):
     def count(self, batch) -> int:
         return int(batch.better.numel())
 
-    def terms(self, model, batch, device, reference_model=None) -> dict[str, torch.Tensor]:
-        """DPO terms per pair; the reference is `reference_model`, the stored log-probs, or the starting model."""
-        tokens, labels, media = batch.tokens.to(device), batch.labels.to(device), batch.media_inputs(device)
-        policy, counts = labelled_logps(model, tokens, labels, **media)
+    def reference_logps(self, batch, device, reference_model=None) -> torch.Tensor:
+        """Log-probs `[rows]` of the responses under `reference_model`, the stored ones, or the starting model."""
         if reference_model is None and self.opts.reference == "stored":
             if batch.reference is None:
                 raise ValueError("train.options.reference is 'stored' but a record has no 'reference_logps' "
                                  "(write them with mm_llama.train.tasks.dpo.store_reference_logps)")
-            reference = batch.reference.to(device=device, dtype=policy.dtype)
-        else:
-            with torch.no_grad():
-                reference, _ = labelled_logps(reference_model or self.reference_model(device), tokens, labels, **media)
+            return batch.reference.to(device=device)
+        with torch.no_grad():
+            tokens, labels, media = batch.tokens.to(device), batch.labels.to(device), batch.media_inputs(device)
+            return labelled_logps(reference_model or self.reference_model(device), tokens, labels, **media)[0]
+
+    def terms(self, model, batch, device, reference_model=None) -> dict[str, torch.Tensor]:
+        """DPO terms per pair; the reference is `reference_model`, the stored log-probs, or the starting model."""
+        tokens, labels, media = batch.tokens.to(device), batch.labels.to(device), batch.media_inputs(device)
+        policy, counts = labelled_logps(model, tokens, labels, **media)
+        reference = self.reference_logps(batch, device, reference_model).to(policy.dtype)
         nll_rows = batch.best.to(device) if self.opts.nll_on == "best" else None
         return dpo_terms(policy, reference, counts, batch.better.to(device), batch.worse.to(device),
                          self.opts.beta, self.opts.nll_weight, nll_rows)
@@ -312,6 +345,30 @@ class DPO(PostTask):
             self.ema.step(model, batch.index // self.cfg.train.grad_accum)
             reference = self.ema.model
         return self.terms(model, batch, device, reference)["loss"].sum()
+
+    # pipeline parallelism (`parallel.runtime`): the rows of a ranking in the pipeline's fixed batch
+    pipeline_rows = RESPONSES_PER_RANKING
+
+    def pipeline_batch(self, batch: PairBatch, rows: int, device) -> PairBatch:
+        """`batch` laid out in the pipeline's `rows` rows (`slot_rankings`), with the reference log-probs of every
+        row (`reference`: stored, or from a forward pass of the pipelined reference model)."""
+        if batch.media_inputs("cpu"):
+            raise ValueError("a pipelined DPO batch holds media; parallel.pp cuts the text DPO only")
+        slotted = slot_rankings(batch, rows // RESPONSES_PER_RANKING, self.chat.tokenizer.pad_id)
+        slotted.reference = self.reference_logps(slotted, device)
+        return slotted
+
+    def pipeline_loss(self, logits: torch.Tensor, rows: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        """The loss of one pipeline micro-batch: logits `[m, seq, vocab]` of the consecutive rows `rows` `[m]` of a
+        `pipeline_batch` (whole rankings) → the summed loss of their pairs."""
+        first, device = int(rows[0]), logits.device
+        policy, counts = sequence_logps(logits, batch.labels[first:first + len(rows)].to(device))
+        reference = batch.reference[first:first + len(rows)].to(device=device, dtype=policy.dtype)
+        better, worse, best = (getattr(batch, k).to(device) for k in ("better", "worse", "best"))
+        mine = (better >= first) & (better < first + len(rows))
+        nll_rows = best[mine] - first if self.opts.nll_on == "best" else None
+        return dpo_terms(policy, reference, counts, better[mine] - first, worse[mine] - first, self.opts.beta,
+                         self.opts.nll_weight, nll_rows)["loss"].sum()
 
     def heldout(self, seq_len, batch_size) -> list:
         if not self.cfg.data.heldout or not self.cfg.train.eval_batches:

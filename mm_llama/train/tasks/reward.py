@@ -6,6 +6,8 @@ so its reward is exactly the one it would get alone in a row after the prompt. A
 r₀ > r₁ (> r₂) gives one loss term per ordered pair: −log σ(r_better − r_worse); the pair is the loss unit.
 `logit_penalty` w adds w·(r_better² + r_worse²)/2 per pair: the vision RM's penalty on squared reward
 logits (paper §7.5.3), averaged over the batch by the engine's division by the pair count.
+Under pipeline parallelism (text RM, `parallel.pipeline.RewardStage`) a ranking is one row of a micro-batch and the
+last stage, which holds the value head, computes its pairs' loss (`pipeline_loss`).
 
 With a `model.vision` section the task trains the vision RM (`VisionRewardModel`): `init.from` is the
 composed image–text model (or a vision RM to continue), `train.options.language_rm` the language RM
@@ -112,7 +114,12 @@ def rewards(model: RewardModel | VisionRewardModel, batch: RewardBatch, device) 
     if batch.images is not None:
         media = {"images": batch.images.to(device), "aspect_ratios": batch.aspect_ratios.to(device)}
     logits = model(batch.tokens.to(device), mask=batch.mask.to(device), positions=batch.positions.to(device), **media)
-    ends = batch.ends.to(device)
+    return response_rewards(logits, batch.ends.to(device))
+
+
+def response_rewards(logits: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Reward logits per token `[batch, seq]`, ends `[batch, max_responses]` → the reward of every response
+    `[batch · max_responses]` (0 where there is none)."""
     picked = logits.gather(1, ends.clamp(min=0))
     return torch.where(ends >= 0, picked, torch.zeros_like(picked)).flatten()
 
@@ -199,6 +206,21 @@ class RewardModelTask(PostTask):
     def loss(self, model, batch, device) -> torch.Tensor:
         return bradley_terry_sum(rewards(model, batch, device), batch.better.to(device), batch.worse.to(device),
                                  self.opts.logit_penalty)
+
+    def pipeline_batch(self, batch: RewardBatch, rows: int, device) -> RewardBatch:
+        """`batch` as pipeline parallelism runs it: unchanged (a ranking is one row; `pipeline.RewardStage` pads)."""
+        return batch
+
+    def pipeline_loss(self, logits: torch.Tensor, rows: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+        """The loss of one pipeline micro-batch: reward logits per token `[m, seq]` of the consecutive rows `rows`
+        `[m]` of `batch` padded (`pipeline.RewardStage`; rows past the batch are padding) → the summed loss of the
+        pairs of those rows' rankings (a ranking is one row)."""
+        width, first = batch.ends.shape[1], int(rows[0])
+        ends = batch.ends[first:first + len(rows)].to(logits.device)
+        r = response_rewards(logits[:len(ends)], ends)
+        better, worse = batch.better.to(logits.device), batch.worse.to(logits.device)
+        mine = (better // width >= first) & (better // width < first + len(rows))
+        return bradley_terry_sum(r, better[mine] - first * width, worse[mine] - first * width, self.opts.logit_penalty)
 
     def heldout(self, seq_len, batch_size) -> list:
         if not self.cfg.data.heldout or not self.cfg.train.eval_batches:
