@@ -8,6 +8,7 @@ sentence transcribed, and a held-out question to the post-trained chat model. Ev
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .cli import main as cli
+from .data.demo import DATA_VERSION
 
 DATA = Path("data/demo")
 PIPELINE = "configs/pipelines/demo.yaml"
@@ -138,6 +140,12 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 def main(argv: list[str]) -> int:
     out = Path(argv[0]) if argv else Path("runs/demo")
     start = time.time()
+    stamp = DATA / "VERSION"
+    if DATA.exists() and (not stamp.exists() or stamp.read_text().strip() != str(DATA_VERSION)):
+        print(f"== {DATA} was written by an older version of `mm-llama data demo`: writing it again, and training "
+              f"{out} afresh", flush=True)
+        shutil.rmtree(DATA)
+        shutil.rmtree(out, ignore_errors=True)
     if not (DATA / "tokenizer.model").exists():
         print(f"== writing the demo data set into {DATA}", flush=True)
         if cli(["data", "demo", str(DATA)]) != 0:

@@ -24,9 +24,11 @@ AGAINST_UNTRAINED = {
     "speech_encoder_pretrain.val_accuracy": "speech_encoder_pretrain.val_accuracy_untrained",
     "vision_anneal.image_qa_accuracy_colour": "vision_adapter.image_qa_accuracy_colour_untrained",
     "vision_anneal.image_qa_accuracy_shape": "vision_adapter.image_qa_accuracy_shape_untrained",
+    "vision_anneal.image_qa_accuracy_count": "vision_adapter.image_qa_accuracy_count_untrained",
     "vision_adapter.image_qa_accuracy_caption": "vision_adapter.image_qa_accuracy_caption_untrained",
     "video_adapter.video_qa_accuracy_colour": "video_adapter.video_qa_accuracy_colour_untrained",
     "video_adapter.video_qa_accuracy_shape": "video_adapter.video_qa_accuracy_shape_untrained",
+    "video_adapter.video_qa_accuracy_motion": "video_adapter.video_qa_accuracy_motion_untrained",
     "speech_adapter.asr_wer": "speech_adapter.asr_wer_untrained",
     "reward_model.val_accuracy": "reward_model.val_accuracy_untrained",
     **{f"{stage}.val_loss": f"{stage}.val_loss_untrained" for stage in (
@@ -34,15 +36,14 @@ AGAINST_UNTRAINED = {
         "sft", "reward_model")},
 }
 # ... and, where this size clears it by a wide margin, against the blind baseline (unigram text model, chance,
-# majority answer, a coin for preferences)
+# majority answer, a coin for preferences; DPO only here: its policy equals the reference before training, so
+# every margin is 0 and its untrained accuracy 0 says nothing)
 AGAINST_BLIND = ["heldout_loss", "image_encoder_pretrain.retrieval_i2t", "image_encoder_pretrain.retrieval_t2i",
-                 "vision_anneal.image_qa_accuracy_colour", "video_adapter.video_qa_accuracy_colour",
-                 "reward_model.val_accuracy"]
-# Reported but not yet learned at this size (the 15-minute `make demo` learns them): two- and three-token
-# answers (image count and position, video motion), the vision reward model and DPO's preference accuracy.
-NOT_YET_AT_CI_SIZE = ["vision_anneal.image_qa_accuracy_count", "vision_anneal.image_qa_accuracy_position",
-                      "video_adapter.video_qa_accuracy_motion", "vision_reward_model.val_accuracy",
-                      "dpo.val_reward_accuracy"]
+                 "vision_anneal.image_qa_accuracy_colour", "vision_anneal.image_qa_accuracy_shape",
+                 "video_adapter.video_qa_accuracy_colour", "reward_model.val_accuracy", "dpo.val_reward_accuracy"]
+# Reported but not yet learned at this size (the 15-minute `make demo` learns the vision reward model; position
+# stays near the majority answer there too). Count and motion beat the untrained model here, not yet the majority.
+NOT_YET_AT_CI_SIZE = ["vision_anneal.image_qa_accuracy_position", "vision_reward_model.val_accuracy"]
 
 
 def better(key: str, value: float, reference: float) -> bool:

@@ -11,6 +11,7 @@ from mm_llama.data import DataConfig, TextLoader, heldout_batches
 from mm_llama.data.config import SourceConfig
 from mm_llama.data.demo import DIALOG_KINDS, world_dialog, world_dialogs, world_documents
 from mm_llama.data.demo_speech import LANGUAGE, TRANSLATION_LANGUAGE, pig_latin, questions, sentences
+from mm_llama.data.demo_video import ANSWERS as VIDEO_ANSWERS
 from mm_llama.data.demo_vision import ANSWERS
 from mm_llama.data.speech import system_prompt
 from mm_llama.text import ChatFormat, Tokenizer
@@ -19,7 +20,7 @@ from test_data_shards import write_shard
 BYTES = Tokenizer({bytes([b]): b for b in range(256)})  # byte ranks: every id is predictable
 CHAT = ChatFormat(BYTES)
 VOCAB = {w for s in sentences() for w in s.split()} | {w for q, a in questions() for w in (*q.split(), a)}
-VOCAB |= {w for answers in ANSWERS.values() for a in answers for w in a.split()}
+VOCAB |= {w for answers in (*ANSWERS.values(), *VIDEO_ANSWERS.values()) for a in answers for w in a.split()}
 
 
 def test_world_text_is_deterministic_split_and_of_the_world():
@@ -30,7 +31,8 @@ def test_world_text_is_deterministic_split_and_of_the_world():
     assert all("." not in d.key for d in train)
     words = {w for d in train[:20] for w in d.text.lower().replace(".", " ").replace("?", " ").split()}
     grammar = VOCAB | {"a", "in", "the", "what", "colour", "is", "are", "shape", "shapes", "image", "how", "many",
-                       "there", "where", "circles", "squares", "triangles"}
+                       "there", "where", "circles", "squares", "triangles", "moving", "which", "way", "direction",
+                       "does", "move"}
     assert words <= grammar, words - grammar
 
 
@@ -42,10 +44,11 @@ def test_world_dialogs_are_the_adapter_stages_turns():
         roles = [m["role"] for m in messages]
         assert roles[-1] == "assistant"
         if roles == ["user", "assistant"] and isinstance(messages[0]["content"], list):
-            image, question = messages[0]["content"]  # vision_lm's turn: <|image|> then the question
-            assert image == {"type": "image"} and question["type"] == "text"
-            assert any(messages[1]["content"] in answers for answers in ANSWERS.values())
-            seen["image"] += 1
+            media, question = messages[0]["content"]  # vision_lm's / video_lm's turn: the media, then the question
+            assert media["type"] in ("image", "video") and question["type"] == "text"
+            answers = (ANSWERS if media["type"] == "image" else VIDEO_ANSWERS).values()
+            assert any(messages[1]["content"] in a for a in answers)
+            seen[media["type"]] += 1
         elif roles == ["user", "assistant"]:
             assert (messages[0]["content"], messages[1]["content"]) in questions()
             seen["dialogue"] += 1
@@ -64,12 +67,15 @@ def test_world_dialogs_are_the_adapter_stages_turns():
     assert all(abs(share[k] - expected[k]) < 0.06 for k in expected), (share, expected)
 
 
-def test_vision_dialog_encodes_to_the_adapter_example():
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_media_dialog_encodes_to_the_adapter_example(media):
     from mm_llama.train.tasks.vision_lm import ChatExamples
 
-    messages = next(d["json"]["messages"] for d in world_dialogs("val") if isinstance(d["json"]["messages"][0]["content"], list))
+    messages = next(d["json"]["messages"] for d in world_dialogs("val")
+                    if isinstance(d["json"]["messages"][0]["content"], list)
+                    and d["json"]["messages"][0]["content"][0]["type"] == media)
     question, answer = messages[0]["content"][1]["text"], messages[1]["content"]
-    example = ChatExamples(BYTES, ["qa"], max_len=512)._example(None, "colour", question, answer)
+    example = ChatExamples(BYTES, ["qa"], max_len=512, media=media)._example(None, "colour", question, answer)
     assert CHAT.encode_dialog(messages).tokens == example.tokens
 
 
@@ -153,3 +159,45 @@ def test_the_text_stages_read_the_written_world_and_chat_shards(demo_data):
     [held] = heldout_batches(chat, tokenizer, seq_len=64, batch_size=4, max_batches=1)
     row = held.tokens[0].tolist()
     assert row[0] == tokenizer.bos_id and row[1] == tokenizer.start_header_id and tokenizer.eot_id in row
+
+
+def test_the_demo_tokenizer_has_every_answer_word_as_one_token(demo_data):
+    """The tokenizer learns from the chat turns' messages too: an answer opens its turn without a leading space,
+    a form the documents rarely have ("bottom" split into "b" + "ottom" before)."""
+    from mm_llama.text import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_data)
+    words = {w for answers in (*ANSWERS.values(), *VIDEO_ANSWERS.values()) for a in answers for w in a.split()}
+    split = {w: [tokenizer.decode([t]) for t in tokenizer.encode(w, bos=False, eos=False)] for w in sorted(words)}
+    assert {w: parts for w, parts in split.items() if len(parts) > 1} == {}
+
+
+@pytest.mark.parametrize("stamp", [None, "1"], ids=["no-version", "older-version"])
+def test_make_demo_rewrites_data_of_an_older_version_and_trains_afresh(tmp_path, monkeypatch, stamp):
+    from mm_llama import demo
+    from mm_llama.data.demo import DATA_VERSION
+
+    monkeypatch.chdir(tmp_path)
+    old_data, old_runs = tmp_path / "data" / "demo", tmp_path / "runs" / "demo"
+    for folder in (old_data, old_runs / "text_pretrain"):
+        folder.mkdir(parents=True)
+    (old_data / "tokenizer.model").write_text("old")
+    if stamp:
+        (old_data / "VERSION").write_text(stamp)
+    calls = []
+
+    def fake_cli(argv):  # stands in for the data writer and the pipeline; stops the demo at the pipeline
+        calls.append(argv[0])
+        if argv[0] == "data":
+            old_data.mkdir(parents=True)
+            (old_data / "VERSION").write_text(f"{DATA_VERSION}\n")
+        return 0 if argv[0] == "data" else 1
+
+    monkeypatch.setattr(demo, "cli", fake_cli)
+    assert demo.main(["runs/demo"]) == 1
+    assert calls == ["data", "pipeline"]
+    assert not (old_data / "tokenizer.model").exists() and not old_runs.exists()
+    # the current version is kept: no rewrite the second time
+    calls.clear()
+    (old_data / "tokenizer.model").write_text("current")
+    assert demo.main(["runs/demo"]) == 1 and calls == ["pipeline"]

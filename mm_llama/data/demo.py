@@ -7,9 +7,9 @@ their source with `ast` (never imported, so nothing runs). The same Python versi
 bytes.
 
 Beside it, the text of the demo world itself (`world_documents`, `world_dialogs`): sentences from the
-grammar of the image captions and the speech sentences, and short dialogs in the exact chat turns the
-image and speech adapter stages train on, with text where those have an image or a clip. A frozen LM
-in those stages can only read and say what its text pre-training covered (the paper's pre-training
+grammar of the image and video captions and the speech sentences, and short dialogs in the exact chat turns
+the image, video and speech adapter stages train on, with text where those have an image, a video or a clip.
+A frozen LM in those stages can only read and say what its text pre-training covered (the paper's pre-training
 covers what later stages ask about); here that is the world's words, the chat headers and the end of turn.
 """
 from __future__ import annotations
@@ -33,11 +33,14 @@ TOKENIZER_RANKS = 4096
 MIN_DOCSTRING_CHARS = 200
 WORLD_TRAIN_SHARDS = 4
 WORLD_DOCUMENTS = {"train": 400, "val": 40}  # plain-text documents of WORLD_SENTENCES sentences
+# Raised whenever the bytes written change (here: video in the world text, a tokenizer that learns the chat
+# turns), so `make demo` rewrites an older data/demo instead of training on it (`VERSION` file).
+DATA_VERSION = 2
 WORLD_SENTENCES = 40
 WORLD_DIALOGS = {"train": 20000, "val": 400}
 # How often each dialog kind is drawn: copying the user's sentence (ASR) is the skill a frozen LM needs most
 # to repeat a clip the speech adapter turns into embeddings, and the slowest of these to learn.
-DIALOG_KINDS = {"image": 1, "asr": 3, "ast": 1, "dialogue": 1}
+DIALOG_KINDS = {"image": 1, "video": 1, "asr": 3, "ast": 1, "dialogue": 1}
 
 # Well-documented, pure-Python modules; their docstrings are English technical prose and examples.
 DOCSTRING_MODULES = (
@@ -126,14 +129,19 @@ def _world_rng(kind: str, split: str) -> random.Random:
 
 
 def world_sentence(rng: random.Random) -> str:
-    """One sentence of the demo world: an image caption, a spoken command, or a spoken question and its answer."""
-    from . import demo_speech, demo_vision
+    """One sentence of the demo world: an image or clip caption with a question and its answer, a spoken command,
+    or a spoken question and its answer."""
+    from . import demo_speech, demo_video, demo_vision
 
-    kind = rng.randrange(3)
+    kind = rng.randrange(4)
     if kind == 0:
         scene = demo_vision.make_scene(rng.getrandbits(64))
         qa = rng.choice(demo_vision.questions(scene))
         return f"{demo_vision.caption(scene).capitalize()}. {qa['question']} {qa['answer'].capitalize()}."
+    if kind == 3:
+        motion = demo_video.make_motion(rng.getrandbits(64))
+        qa = rng.choice(demo_video.questions(motion))
+        return f"{demo_video.caption(motion).capitalize()}. {qa['question']} {qa['answer'].capitalize()}."
     if kind == 1:
         return demo_speech.sentences()[rng.randrange(len(demo_speech.sentences()))].capitalize() + "."
     question, answer = rng.choice(demo_speech.questions())
@@ -151,17 +159,18 @@ def world_documents(split: str) -> list[Document]:
 def world_dialog(rng: random.Random) -> list[dict]:
     """One dialog in the turns of an adapter stage, text in place of the image or clip.
 
-    Image question: `<|image|>` + question → answer (what the image would tell is not in the text,
-    so the LM learns the answers' form and the end of turn). Speech: the system prompt of ASR or AST
+    Image or video question: `<|image|>` or `<|video|>` + question → answer (what the pixels would tell is not in
+    the text, so the LM learns the answers' form and the end of turn). Speech: the system prompt of ASR or AST
     and the sentence as the user's text → the transcript or its Pig Latin; spoken dialogue: question → answer.
     """
-    from . import demo_speech, demo_vision
+    from . import demo_speech, demo_video, demo_vision
     from .speech import system_prompt
 
     kind = rng.choices(list(DIALOG_KINDS), weights=list(DIALOG_KINDS.values()))[0]
-    if kind == "image":
-        qa = rng.choice(demo_vision.questions(demo_vision.make_scene(rng.getrandbits(64))))
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa["question"]}]},
+    if kind in ("image", "video"):
+        world = demo_vision.make_scene if kind == "image" else demo_video.make_motion
+        qa = rng.choice((demo_vision if kind == "image" else demo_video).questions(world(rng.getrandbits(64))))
+        return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": qa["question"]}]},
                 {"role": "assistant", "content": qa["answer"]}]
     if kind == "dialogue":
         question, answer = rng.choice(demo_speech.questions())
@@ -182,10 +191,22 @@ def world_dialogs(split: str) -> list[dict]:
             for i in range(WORLD_DIALOGS[split])]
 
 
-def _write_world(folder: Path) -> tuple[list[Path], dict[str, int]]:
-    files = []
+def message_texts(messages: list[dict]) -> Iterator[str]:
+    """The text of each message of a dialog (a message's text parts, where its content is a list of parts)."""
+    for m in messages:
+        if isinstance(m["content"], str):
+            yield m["content"]
+        else:
+            yield from (part["text"] for part in m["content"] if part["type"] == "text")
+
+
+def _write_world(folder: Path) -> tuple[list[Path], dict[str, int], list[str]]:
+    """The world's shards, their counts, and the training split's texts (documents and messages) for the tokenizer."""
+    files, train_texts = [], []
     for split in ("train", "val"):
         docs, dialogs = world_documents(split), world_dialogs(split)
+        if split == "train":
+            train_texts = [d.text for d in docs] + [t for d in dialogs for t in message_texts(d["json"]["messages"])]
         n = WORLD_TRAIN_SHARDS if split == "train" else 1
         for i in range(n):
             files.append(folder / f"world-{split}-{i:06d}.tar")
@@ -196,7 +217,7 @@ def _write_world(folder: Path) -> tuple[list[Path], dict[str, int]]:
                     sink.write(sample)
     counts = {f"world_{k}_documents": v for k, v in WORLD_DOCUMENTS.items()}
     counts.update({f"chat_{k}_dialogs": v for k, v in WORLD_DIALOGS.items()})
-    return files, counts
+    return files, counts, train_texts
 
 
 TEXT_README = """\
@@ -204,7 +225,8 @@ TEXT_README = """\
 
 - `text/train-{{000000..{last:06d}}}.tar`: {train} documents in {shards} shards (training).
 - `text/val-000000.tar`: {val} documents (held out; a disjoint split by key).
-- `tokenizer.model`: a {ranks}-rank BPE tokenizer in tiktoken format, trained on the training split.
+- `tokenizer.model`: a {ranks}-rank BPE tokenizer in tiktoken format, trained on the training split (the
+  documents, the world text and the world dialogs' messages).
 
 Each sample is one document:
 
@@ -216,14 +238,14 @@ Each sample is one document:
 The text ships with Python itself: the language reference topics (`pydoc_data.topics`) and
 docstrings of standard-library modules.
 
-The demo world's own text, generated from the image and speech data's grammar:
+The demo world's own text, generated from the image, video and speech data's grammar:
 
 - `text/world-train-{{000000..{world_last:06d}}}.tar`, `text/world-val-000000.tar`: {world_train} and {world_val}
-  documents of {sentences} sentences (captions with a question and its answer, spoken commands, spoken
-  questions and answers), same schema as above.
+  documents of {sentences} sentences (image and clip captions with a question and its answer, spoken commands,
+  spoken questions and answers), same schema as above.
 - `text/chat-train-{{000000..{world_last:06d}}}.tar`, `text/chat-val-000000.tar`: {chat_train} and {chat_val}
   dialogs for a source with `format: chat`: `<key>.json` is `{{"messages": [...], "source": "demo-world"}}`, in
-  the turns of the adapter stages (an `<|image|>` question and its one-word answer; the speech system
+  the turns of the adapter stages (an `<|image|>` or `<|video|>` question and its answer; the speech system
   prompts with the sentence as text and its transcript or Pig Latin; a spoken question and its answer).
 """
 
@@ -243,10 +265,11 @@ def write_text(out: Path) -> DemoPart:
         _write_shard(files[-1], train[i::TEXT_TRAIN_SHARDS])
     files.append(folder / "val-000000.tar")
     _write_shard(files[-1], val)
-    world_files, world_counts = _write_world(folder)
+    world_files, world_counts, world_texts = _write_world(folder)
     files += world_files
-    world_text = [d.text for d in world_documents("train")]
-    files.append(train_tokenizer([*(d.text for d in train), *world_text], TOKENIZER_RANKS, out / "tokenizer.model"))
+    # every text the LM trains on, the chat turns' messages too: answers open a turn without a leading space
+    # ("bottom left"), a form the documents rarely have: without them "bottom" was "b" + "ottom"
+    files.append(train_tokenizer([*(d.text for d in train), *world_texts], TOKENIZER_RANKS, out / "tokenizer.model"))
     counts = {"train_documents": len(train), "val_documents": len(val), "train_shards": TEXT_TRAIN_SHARDS, **world_counts}
     readme = TEXT_README.format(
         last=TEXT_TRAIN_SHARDS - 1, train=len(train), shards=TEXT_TRAIN_SHARDS, val=len(val), ranks=TOKENIZER_RANKS,
@@ -283,4 +306,5 @@ def write_demo(out: str | Path, modalities: list[str] | None = None) -> list[Dem
         "",
     ]
     (out / "README.md").write_text("\n".join(readme) + "\n" + "\n".join(p.readme for p in parts), encoding="utf-8")
+    (out / "VERSION").write_text(f"{DATA_VERSION}\n")
     return parts
