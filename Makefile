@@ -19,15 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
-# The demo is one training process at a time: give it every core.
+# The demo is one training process at a time: give it every core (`nproc` itself honours the exported
+# OMP_NUM_THREADS=1 above, so it is asked without it).
 demo: $(STAMP)
-	OMP_NUM_THREADS=$$(nproc) $(PY) -m mm_llama.demo runs/demo
+	OMP_NUM_THREADS=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) $(PY) -m mm_llama.demo runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --durations=10
 
 test-all: $(STAMP)
-	$(PY) -m pytest -n 2 -m ''
+	$(PY) -m pytest -n 2 -m '' --durations=10
 
 clean:
 	rm -rf runs/demo data/demo test-artifacts
