@@ -123,6 +123,30 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def pipelined_runs(stage, runs: dict, root, lm_dir, tmp):
+    """Every run of `runs` (name -> (case, layout words)) trained by `stage(case, root, lm_dir, out, *layout)`
+    configs in one launch, each into `tmp / name`."""
+    torchrun([stage(case, root, lm_dir, tmp / run, *layout) for run, (case, layout) in runs.items()], tmp)
+    return tmp
+
+
+def single_process_runs(stage, cases, root, lm_dir, tmp) -> dict:
+    """The single-process run of every case: 3 steps with a checkpoint kept at step 2."""
+    return {name: train_stage(stage(name, root, lm_dir, tmp / name, "train.steps=3", "run.keep_last=2"))
+            for name in cases}
+
+
+def first_two_steps_agree(run, ref) -> tuple[list, list]:
+    """Assert a 2-step parallel run's losses, token counts and gradient norms equal the single-process run's
+    first two steps; returns both runs' metric rows."""
+    got, want = rows(run), rows(ref)[:2]
+    assert [r["step"] for r in got] == [1, 2]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-5)
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-4)
+    return got, want
+
+
 class Interleaved:
     """What `DP` data-parallel ranks read, as one single-process loader: rank 0's batch, rank 1's, in turn.
 
