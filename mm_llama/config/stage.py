@@ -53,7 +53,8 @@ class TrainConfig(Strict):
     trainable: list[str] = Field(default_factory=lambda: ["*"], description="fnmatch patterns of parameters that train")
     frozen: list[str] = Field(default_factory=list, description="patterns excluded from `trainable`")
     activation_checkpointing: bool = False
-    compile: bool = Field(False, description="torch.compile each Transformer block, and the text loss")
+    compile: bool = Field(False, description="torch.compile each Transformer block, and the text loss in a single "
+                          "process")
     max_nonfinite_skips: int = Field(0, ge=0, description="steps with NaN/inf loss that may be skipped before stopping")
     eval_every: int = Field(0, ge=0, description="held-out loss every N steps (0: only at the end)")
     eval_batches: int = Field(4, ge=0)
