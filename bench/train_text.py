@@ -69,11 +69,10 @@ def build(config: Path, seed: int, compile_ours: bool):
     if compile_ours:  # what `train.compile` does: each block, and the loss (`make_steps`)
         for block in ours.layers:
             block.compile()
-        ours.compiled = True
     return args, ours, theirs
 
 
-def make_steps(ours, theirs, batch: Batch, document_mask: bool = False):
+def make_steps(ours, theirs, batch: Batch, document_mask: bool = False, compiled: bool = False):
     """Zero-argument optimizer steps returning the loss: the engine's, and the plain transformers loop's.
 
     `transformers` has no document mask, so the compared step runs ours with the plain causal mask over the
@@ -88,7 +87,7 @@ def make_steps(ours, theirs, batch: Batch, document_mask: bool = False):
 
     doc_ids = batch.doc_ids if document_mask else None
 
-    loss_sum = compiled_lm_loss_sum() if getattr(ours, "compiled", False) else lm_loss_sum  # as `train.compile`
+    loss_sum = compiled_lm_loss_sum() if compiled else lm_loss_sum  # as `train.compile`
 
     def our_step():
         logits = ours(batch.tokens, doc_ids=doc_ids)
@@ -142,11 +141,11 @@ def main() -> None:
 
     batches, pipeline_tps, _ = demo_batches(a.data, a.seq, a.batch, 20)
     args, ours, theirs = build(Path(a.config), 0, a.compile)
-    our_step, their_step = make_steps(ours, theirs, batches[0])
+    our_step, their_step = make_steps(ours, theirs, batches[0], compiled=a.compile)
     first_ours, first_theirs = our_step(), their_step()  # same weights, same batch: the losses must agree
     if abs(first_ours - first_theirs) > 1e-4:
         raise SystemExit(f"losses differ before timing: ours {first_ours:.6f} vs transformers {first_theirs:.6f}")
-    doc_step, _ = make_steps(ours, theirs, batches[0], document_mask=True)
+    doc_step, _ = make_steps(ours, theirs, batches[0], document_mask=True, compiled=a.compile)
     tokens_per_batch = a.batch * a.seq
     peak, peak_shape = matmul_peak([(1024, 1024, 1024), (2048, 2048, 2048), (3072, 3072, 3072),
                                     (tokens_per_batch, args.dim, args.hidden_dim),
