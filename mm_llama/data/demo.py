@@ -33,9 +33,10 @@ TOKENIZER_RANKS = 4096
 MIN_DOCSTRING_CHARS = 200
 WORLD_TRAIN_SHARDS = 4
 WORLD_DOCUMENTS = {"train": 400, "val": 40}  # plain-text documents of WORLD_SENTENCES sentences
-# Raised whenever the bytes written change (here: video in the world text, a tokenizer that learns the chat
-# turns), so `make demo` rewrites an older data/demo instead of training on it (`VERSION` file).
-DATA_VERSION = 2
+# Raised whenever the bytes written change (2: video in the world text, a tokenizer that learns the chat turns;
+# 3: the world's image questions balanced by type), so `make demo` rewrites an older data/demo instead of training
+# on it (`VERSION` file).
+DATA_VERSION = 3
 WORLD_SENTENCES = 40
 WORLD_DIALOGS = {"train": 20000, "val": 400}
 # How often each dialog kind is drawn: copying the user's sentence (ASR) is the skill a frozen LM needs most
@@ -135,8 +136,7 @@ def world_sentence(rng: random.Random) -> str:
 
     kind = rng.randrange(4)
     if kind == 0:
-        scene = demo_vision.make_scene(rng.getrandbits(64))
-        qa = rng.choice(demo_vision.questions(scene))
+        scene, qa = demo_vision.draw_question(rng)
         return f"{demo_vision.caption(scene).capitalize()}. {qa['question']} {qa['answer'].capitalize()}."
     if kind == 3:
         motion = demo_video.make_motion(rng.getrandbits(64))
@@ -168,8 +168,10 @@ def world_dialog(rng: random.Random) -> list[dict]:
 
     kind = rng.choices(list(DIALOG_KINDS), weights=list(DIALOG_KINDS.values()))[0]
     if kind in ("image", "video"):
-        world = demo_vision.make_scene if kind == "image" else demo_video.make_motion
-        qa = rng.choice((demo_vision if kind == "image" else demo_video).questions(world(rng.getrandbits(64))))
+        if kind == "image":
+            qa = demo_vision.draw_question(rng)[1]
+        else:
+            qa = rng.choice(demo_video.questions(demo_video.make_motion(rng.getrandbits(64))))
         return [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": qa["question"]}]},
                 {"role": "assistant", "content": qa["answer"]}]
     if kind == "dialogue":

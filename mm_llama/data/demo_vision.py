@@ -128,6 +128,17 @@ def questions(scene: Scene) -> list[dict]:
     return qa
 
 
+def draw_question(rng: random.Random) -> tuple[Scene, dict]:
+    """A scene and one of its questions, every question type equally often. A position question needs a scene of
+    one shape (a quarter of them): scenes are drawn from `rng` until one offers the type."""
+    kind = rng.choice(QUESTION_TYPES)
+    while True:
+        scene = make_scene(rng.getrandbits(64))
+        found = [q for q in questions(scene) if q["type"] == kind]
+        if found:
+            return scene, found[0]
+
+
 def scene_signature(scene: Scene) -> tuple:
     """The layout rounded to 4-pixel steps: two scenes with one signature look alike."""
     return (scene.background,) + tuple((s.kind, s.colour, s.quadrant, round(s.cx / 4), round(s.cy / 4), round(s.radius / 4))
